@@ -1,0 +1,1 @@
+"""Rules, alert lifecycle and routing (the rules engine lands in the next issue)."""

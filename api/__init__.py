@@ -1,0 +1,1 @@
+"""The FastAPI application (a later issue)."""

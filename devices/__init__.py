@@ -1,0 +1,1 @@
+"""The device side: metric catalog, units, topic grammar and payload interpretation."""

@@ -1,0 +1,1 @@
+"""The running service: MQTT ingestion, the store, configuration and the CLI."""

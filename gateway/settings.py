@@ -1,0 +1,118 @@
+"""The one settings object: every knob, read from ``ELDERCARE_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Shown by ``eldercare --help``: each setting, its variable and its default.
+SETTINGS_HELP = """\
+Settings (environment variables, or a .env file in the working folder):
+
+  ELDERCARE_DATABASE_URL        postgresql://... of the store (empty: embedded PostgreSQL
+                                in ELDERCARE_DATA_DIR, for the demo)
+  ELDERCARE_MQTT_URL            mqtt://user:pass@host:1883 or mqtts://... (empty: embedded
+                                broker, for the demo)
+  ELDERCARE_MQTT_PROTOCOL       5 (default) or 3.1.1; 3.1.1 for brokers without MQTT 5
+  ELDERCARE_MQTT_SHARED_GROUP   shared-subscription group (default: ingest); empty: a plain
+                                subscription (one worker)
+  ELDERCARE_MQTT_CLIENT_ID      worker client id (default: eldercare-ingest-<host>-<n>)
+  ELDERCARE_MQTT_SESSION_EXPIRY seconds the broker keeps a worker's session (default 86400)
+  ELDERCARE_BATCH_SIZE          messages per transaction at most (default 500)
+  ELDERCARE_BATCH_MAX_DELAY_MS  longest a message waits for its batch (default 50)
+  ELDERCARE_QUEUE_SIZE          in-memory bound of received, uncommitted messages (default 2000)
+  ELDERCARE_METRICS_PORT        Prometheus /metrics port (default 9464; 0: off)
+  ELDERCARE_LOG_LEVEL           DEBUG, INFO, WARNING, ERROR (default INFO)
+  ELDERCARE_LOG_FORMAT          json (default) or console
+  ELDERCARE_BUFFER_HORIZON_DAYS readings older than this are rejected too_old (default 30)
+  ELDERCARE_RETENTION_OBSERVATIONS_DAYS   (default 730)
+  ELDERCARE_RETENTION_DEAD_LETTERS_DAYS   (default 90)
+  ELDERCARE_DATA_DIR            where embedded services keep their data (default ./.eldercare)
+"""
+
+
+class MqttTarget:
+    """The broker address parsed out of ``MQTT_URL``."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"MQTT_URL must start with mqtt:// or mqtts://, got {url!r}")
+        if not parts.hostname:
+            raise ValueError(f"MQTT_URL has no host: {url!r}")
+        self.tls = parts.scheme == "mqtts"
+        self.host = parts.hostname
+        self.port = parts.port or (8883 if self.tls else 1883)
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+
+    def __repr__(self) -> str:  # never print the password
+        scheme = "mqtts" if self.tls else "mqtt"
+        user = f"{self.username}@" if self.username else ""
+        return f"{scheme}://{user}{self.host}:{self.port}"
+
+
+class Settings(BaseSettings):
+    """Everything configurable, validated once at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="ELDERCARE_", env_file=".env", extra="ignore", frozen=True)
+
+    database_url: str = ""
+    mqtt_url: str = ""
+    mqtt_protocol: Literal["5", "3.1.1"] = "5"
+    mqtt_shared_group: str = "ingest"
+    mqtt_client_id: str = ""
+    mqtt_session_expiry: int = Field(86_400, ge=0)
+    batch_size: int = Field(500, ge=1, le=50_000)
+    batch_max_delay_ms: int = Field(50, ge=0, le=60_000)
+    queue_size: int = Field(2_000, ge=10)
+    metrics_port: int = Field(9464, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    buffer_horizon_days: int = Field(30, ge=1)
+    retention_observations_days: int = Field(730, ge=1)
+    retention_dead_letters_days: int = Field(90, ge=1)
+    data_dir: str = ".eldercare"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must start with postgresql://")
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_url(cls, value: str) -> str:
+        if value:
+            MqttTarget(value)
+        return value
+
+    @cached_property
+    def mqtt(self) -> MqttTarget:
+        """The parsed broker address (``MQTT_URL`` must be set)."""
+        return MqttTarget(self.mqtt_url)
+
+
+class SettingsError(Exception):
+    """Settings that do not validate, said in one line."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning a validation error into one clear line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"ELDERCARE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None

@@ -1,0 +1,1 @@
+"""PostgreSQL store: migrations, batch writer, registry, series queries, maintenance."""

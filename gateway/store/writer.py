@@ -1,0 +1,310 @@
+"""The batch writer: one transaction per batch of interpreted MQTT messages.
+
+Given messages in arrival order, it deduplicates on (publisher, msg_id), COPYs readings,
+events and dead letters, updates device status, counts rejections per device, lets the rule
+set write its decisions, and commits. The caller acknowledges the messages only after
+``write`` returns. A batch the database refuses for a data reason is split so one bad
+message can never poison the others: the bad one becomes a dead letter on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+
+import orjson
+import psycopg
+from psycopg.types.json import Jsonb
+
+from eldercare.alerts.ruleset import NoRules, RuleBatch, RuleSet
+from eldercare.devices.records import CLOCK_SKEW, DUPLICATE, SCHEMA, Interpretation, Rejection
+
+log = logging.getLogger(__name__)
+
+#: Dead letters keep the raw payload up to this size (the contract's maximum message size).
+PAYLOAD_CAP = 64 * 1024
+
+#: Dead-letter reason for a message the gateway itself failed to process (a bug, not the
+#: device's fault); an addition to the contract's list, which names only device faults.
+INTERNAL_ERROR = "internal_error"
+
+#: last_seen is written at most this often per device (seconds), to spare the devices table
+#: a row update per message; a change of online state is always written at once.
+LAST_SEEN_RESOLUTION_S = 30.0
+
+
+@dataclass(slots=True)
+class Received:
+    """One MQTT message as the worker holds it until its batch commits."""
+
+    topic: str
+    payload: bytes
+    received_at: float
+    interp: Interpretation
+    mid: int = 0
+    qos: int = 1
+    generation: int = 0
+    retained: bool = False
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What one committed batch did (for metrics and the periodic log line)."""
+
+    messages: int = 0
+    stored_messages: int = 0
+    readings: int = 0
+    events: int = 0
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    skewed: int = 0
+    isolated_failures: int = 0
+
+    def add(self, other: BatchResult) -> None:
+        self.messages += other.messages
+        self.stored_messages += other.stored_messages
+        self.readings += other.readings
+        self.events += other.events
+        self.duplicates += other.duplicates
+        self.rejected.update(other.rejected)
+        self.skewed += other.skewed
+        self.isolated_failures += other.isolated_failures
+
+
+def _dumps(obj: object) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class BatchWriter:
+    """Writes batches through one connection; ``write`` is one transaction (or a few, split)."""
+
+    def __init__(self, flavour: str, rules: RuleSet | None = None) -> None:
+        self.flavour = flavour
+        self.rules = rules or NoRules()
+        self._last_seen_written: dict[str, float] = {}
+
+    def write(self, conn: psycopg.Connection, batch: Sequence[Received]) -> BatchResult:
+        """Store a batch in one transaction; on a refusal, isolate the message(s) behind it.
+
+        Raises psycopg.OperationalError (connection trouble) for the caller to retry the
+        same batch later; nothing of it is then committed. Any other failure (the store
+        refusing a value, the rule set raising) splits the batch in halves until the message
+        that causes it stands alone; that one becomes a dead letter, the others are stored.
+        """
+        try:
+            return self._write_once(conn, batch)
+        except psycopg.OperationalError:
+            raise
+        except Exception as exc:
+            if conn.closed or conn.broken:
+                raise psycopg.OperationalError(str(exc)) from exc
+            if len(batch) == 1:
+                return self._write_refused(conn, batch[0], exc)
+            log.warning(
+                "batch refused, isolating messages",
+                extra={"error": type(exc).__name__, "messages": len(batch)},
+            )
+            result = BatchResult()
+            middle = len(batch) // 2
+            result.add(self.write(conn, batch[:middle]))
+            result.add(self.write(conn, batch[middle:]))
+            return result
+
+    def _write_refused(self, conn: psycopg.Connection, msg: Received, exc: Exception) -> BatchResult:
+        """A message refused on its own becomes a dead letter, payload kept.
+
+        The store refusing a value (a NUL in a string, say) is the device's doing: reason
+        ``schema``. Anything else (the rule set raising) is ours: reason ``internal_error``.
+        """
+        if isinstance(exc, psycopg.Error):
+            reason, why = SCHEMA, f"refused by the store ({exc.sqlstate or type(exc).__name__})"
+        else:
+            reason, why = INTERNAL_ERROR, f"processing failed ({type(exc).__name__})"
+            log.error("message could not be processed", exc_info=exc, extra={"topic": msg.topic})
+        source = msg.interp.source_id
+        interp = Interpretation(source_id=source, msg_id=msg.interp.msg_id)
+        interp.rejections.append(Rejection(reason, why, source))
+        refused = Received(msg.topic, msg.payload, msg.received_at, interp, msg.mid, msg.qos, msg.generation)
+        result = self._write_once(conn, [refused])
+        result.isolated_failures = 1
+        return result
+
+    def _write_once(self, conn: psycopg.Connection, batch: Sequence[Received]) -> BatchResult:
+        result = BatchResult(messages=len(batch))
+        with conn.transaction(), conn.cursor() as cur:
+            fresh = self._claim_receipts(cur, batch)
+            readings: list = []
+            rule_readings: list = []
+            events: list = []
+            rule_events: list = []
+            dead: list = []
+            counts: Counter[tuple[str, date, str]] = Counter()
+            seen: dict[str, float] = {}
+            statuses: dict[str, tuple] = {}
+            in_batch: set[tuple[str, str]] = set()
+
+            for msg in batch:
+                it = msg.interp
+                day = _utc(msg.received_at).date()
+                key = (it.source_id, it.msg_id) if it.source_id and it.msg_id else None
+                if key is not None and it.accepted:
+                    if key not in fresh or key in in_batch:
+                        result.duplicates += 1
+                        counts[(key[0], day, DUPLICATE)] += 1
+                        continue
+                    in_batch.add(key)
+                if it.accepted:
+                    result.stored_messages += 1
+                for rej in it.rejections:
+                    result.rejected[rej.reason] += rej.count
+                    owner = rej.device_id or it.source_id
+                    if owner:
+                        counts[(owner, day, rej.reason)] += rej.count
+                    dead.append(
+                        (
+                            _utc(msg.received_at),
+                            msg.topic,
+                            owner,
+                            it.msg_id,
+                            rej.reason,
+                            rej.detail,
+                            rej.count,
+                            msg.payload[:PAYLOAD_CAP],
+                            len(msg.payload),
+                            len(msg.payload) > PAYLOAD_CAP,
+                        )
+                    )
+                if it.skewed:
+                    result.skewed += it.skewed
+                    if it.source_id:
+                        counts[(it.source_id, day, CLOCK_SKEW)] += it.skewed
+                if it.readings:
+                    readings.extend(it.readings)
+                    if it.skewed:
+                        rule_readings.extend(r for r in it.readings if CLOCK_SKEW not in r.flags)
+                    else:
+                        rule_readings.extend(it.readings)
+                for ev in it.events:
+                    events.append((*ev[:4], Jsonb(ev.details, dumps=_dumps), ev.flags, it.msg_id))
+                    if CLOCK_SKEW not in ev.flags:
+                        rule_events.append(ev)
+                for device_id in it.seen_devices:
+                    seen[device_id] = msg.received_at
+                for st in it.statuses:
+                    statuses[st.device_id] = (
+                        st.time,
+                        st.online,
+                        st.battery,
+                        st.firmware,
+                        st.signal_dbm,
+                    )
+
+            result.readings = len(readings)
+            result.events = len(events)
+            if readings:
+                self._copy_readings(cur, readings)
+            if events:
+                with cur.copy(
+                    "COPY device_events (time, device_id, elder_id, kind, details, flags, msg_id) FROM STDIN"
+                ) as copy:
+                    for row in events:
+                        copy.write_row(row)
+            if dead:
+                with cur.copy(
+                    "COPY dead_letters (received_at, topic, device_id, msg_id, reason, detail,"
+                    " item_count, payload, payload_size, payload_truncated) FROM STDIN"
+                ) as copy:
+                    for row in dead:
+                        copy.write_row(row)
+            if counts:
+                self._count_rejections(cur, counts)
+            self._update_devices(cur, seen, statuses)
+            self.rules.apply(cur, RuleBatch(rule_readings, rule_events, datetime.now(UTC)))
+        return result
+
+    def _claim_receipts(self, cur: psycopg.Cursor, batch: Sequence[Received]) -> set[tuple[str, str]]:
+        """Insert the batch's (publisher, msg_id) receipts; return those that were new."""
+        keys: dict[tuple[str, str], float] = {}
+        for msg in batch:
+            it = msg.interp
+            if it.source_id and it.msg_id and it.accepted:
+                keys.setdefault((it.source_id, it.msg_id), msg.received_at)
+        if not keys:
+            return set()
+        ordered = sorted(keys)  # a fixed lock order, so two workers never deadlock
+        cur.execute(
+            "INSERT INTO message_receipts (device_id, msg_id, received_at)"
+            " SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[])"
+            " ON CONFLICT DO NOTHING RETURNING device_id, msg_id",
+            ([k[0] for k in ordered], [k[1] for k in ordered], [_utc(keys[k]) for k in ordered]),
+        )
+        return {(row[0], row[1]) for row in cur.fetchall()}
+
+    def _copy_readings(self, cur: psycopg.Cursor, readings: list) -> None:
+        with cur.copy(
+            "COPY observations (time, device_id, elder_id, metric, value, flags) FROM STDIN (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(["timestamptz", "text", "text", "text", "float8", "text[]"])
+            for row in readings:
+                copy.write_row(row)
+        if self.flavour == "plain":
+            days = sorted({r.time.date() for r in readings})
+            cur.execute(
+                "INSERT INTO rollup_dirty (day) SELECT unnest(%s::date[]) ON CONFLICT DO NOTHING",
+                (days,),
+            )
+
+    def _count_rejections(self, cur: psycopg.Cursor, counts: Counter[tuple[str, date, str]]) -> None:
+        ordered = sorted(counts)
+        cur.execute(
+            "INSERT INTO device_rejections (device_id, day, reason, count)"
+            " SELECT * FROM unnest(%s::text[], %s::date[], %s::text[], %s::bigint[])"
+            " ON CONFLICT (device_id, day, reason)"
+            " DO UPDATE SET count = device_rejections.count + EXCLUDED.count",
+            (
+                [k[0] for k in ordered],
+                [k[1] for k in ordered],
+                [k[2] for k in ordered],
+                [counts[k] for k in ordered],
+            ),
+        )
+
+    def _update_devices(
+        self, cur: psycopg.Cursor, seen: dict[str, float], statuses: dict[str, tuple]
+    ) -> None:
+        """Write last_seen (coarsely) and status fields of the devices the batch heard from."""
+        due = {
+            d: t for d, t in seen.items() if t - self._last_seen_written.get(d, 0.0) >= LAST_SEEN_RESOLUTION_S
+        }
+        if due:
+            ordered = sorted(due)
+            cur.execute(
+                "UPDATE devices d SET last_seen = GREATEST(d.last_seen, u.t), online = true"
+                " FROM unnest(%s::text[], %s::timestamptz[]) AS u(id, t)"
+                " WHERE d.device_id = u.id",
+                (ordered, [_utc(due[d]) for d in ordered]),
+            )
+            self._last_seen_written.update(due)
+        if statuses:
+            ordered = sorted(statuses)
+            cols = list(zip(*(statuses[d] for d in ordered), strict=True))
+            cur.execute(
+                "UPDATE devices d SET status_at = u.t,"
+                " online = COALESCE(u.online, d.online),"
+                " battery = COALESCE(u.battery, d.battery),"
+                " firmware = COALESCE(u.firmware, d.firmware),"
+                " signal_dbm = COALESCE(u.signal, d.signal_dbm)"
+                " FROM unnest(%s::text[], %s::timestamptz[], %s::bool[], %s::real[], %s::text[],"
+                " %s::real[]) AS u(id, t, online, battery, firmware, signal)"
+                " WHERE d.device_id = u.id AND (d.status_at IS NULL OR d.status_at <= u.t)",
+                (ordered, *[list(c) for c in cols]),
+            )
+            for d in ordered:  # an online flip must not wait for the last_seen resolution
+                self._last_seen_written.pop(d, None)

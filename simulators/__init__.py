@@ -1,0 +1,1 @@
+"""Simulated devices, residents and hotlines."""

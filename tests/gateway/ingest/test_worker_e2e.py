@@ -1,0 +1,144 @@
+"""End to end: real mosquitto (project config), real PostgreSQL, the worker as a process."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.gateway.ingest.processes import Publisher, scalar
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def stored_messages(db_url: str) -> int:
+    return scalar(db_url, "SELECT count(*) FROM message_receipts")
+
+
+def assert_each_message_once(db_url: str, n: int, probes: int) -> None:
+    """Every published message is in the store exactly once (steps = message number)."""
+    assert stored_messages(db_url) == n + probes
+    assert scalar(db_url, "SELECT count(*) FROM observations") == 3 * n + probes
+    assert scalar(db_url, "SELECT count(*) FROM observations WHERE metric = 'steps'") == n
+    assert scalar(db_url, "SELECT count(DISTINCT value) FROM observations WHERE metric = 'steps'") == n
+
+
+def test_telemetry_event_status_and_rejects_flow_through(ingest) -> None:
+    worker = ingest.worker().start()
+    [dev] = ingest.devices(1)
+    ingest.wait_until_subscribed(worker, dev)
+    dev.publish(
+        "telemetry",
+        {"msg_id": "t1", "ts": int(time.time() * 1000), "metrics": {"spo2": 97, "heart_rate": 300}},
+    )
+    dev.publish(
+        "events", {"msg_id": "e1", "ts": int(time.time() * 1000), "event": "fall_detected", "confidence": 0.9}
+    )
+    dev.publish("status", {"online": True, "battery": 55})
+    dev.publish("telemetry", b"{not json")
+    wait_for(lambda: scalar(ingest.db_url, "SELECT count(*) FROM dead_letters") >= 2, 20, "dead letters")
+    wait_for(lambda: scalar(ingest.db_url, "SELECT count(*) FROM device_events") >= 1, 20, "the fall event")
+    wait_for(
+        lambda: (
+            scalar(
+                ingest.db_url,
+                f"SELECT count(*) FROM devices WHERE device_id = '{dev.device_id}' AND battery = 55",
+            )
+            == 1
+        ),
+        20,
+        "the status",
+    )
+    reasons = ingest.rows("SELECT reason FROM dead_letters ORDER BY reason")
+    assert reasons == [("malformed_json",), ("out_of_range",)]
+    assert scalar(ingest.db_url, "SELECT count(*) FROM observations WHERE metric = 'spo2'") == 1
+    assert (
+        scalar(ingest.db_url, "SELECT count(*) FROM observations WHERE metric = 'heart_rate' AND value = 300")
+        == 0
+    )
+    assert worker.stop() == 0
+
+
+def test_redelivered_message_after_restart_is_not_stored_twice(ingest) -> None:
+    worker = ingest.worker().start()
+    [dev] = ingest.devices(1)
+    ingest.wait_until_subscribed(worker, dev)
+    payload = {"msg_id": "dup-1", "ts": int(time.time() * 1000), "metrics": {"spo2": 96}}
+    dev.publish("telemetry", payload).wait_for_publish(5)
+    wait_for(
+        lambda: scalar(ingest.db_url, "SELECT count(*) FROM observations WHERE metric = 'spo2'") == 1,
+        20,
+        "first copy",
+    )
+    assert worker.stop() == 0
+    # The device did not see its PUBACK and sends the message again while the worker is down.
+    dev.publish("telemetry", payload).wait_for_publish(5)
+    worker = ingest.worker().start()
+    wait_for(
+        lambda: (
+            scalar(
+                ingest.db_url,
+                "SELECT coalesce(sum(count), 0) FROM device_rejections WHERE reason = 'duplicate'",
+            )
+            == 1
+        ),
+        20,
+        "the duplicate counted",
+    )
+    assert scalar(ingest.db_url, "SELECT count(*) FROM observations WHERE metric = 'spo2'") == 1
+    assert worker.stop() == 0
+
+
+def test_kill_9_mid_stream_then_restart_stores_every_message_exactly_once(ingest) -> None:
+    n = 6_000
+    worker = ingest.worker().start()
+    devices = ingest.devices(10)
+    probe = ingest.wait_until_subscribed(worker, devices[0])
+    publisher = Publisher(devices, n, rate=2_000)
+    publisher.start()
+    wait_for(lambda: stored_messages(ingest.db_url) >= probe + n // 4, 30, "a quarter stored")
+    worker.kill9()
+    at_kill = stored_messages(ingest.db_url)
+    publisher.wait_all_acked(60)  # the broker holds the rest for the worker's session
+    assert at_kill < n + probe, "the worker finished before it was killed: nothing was tested"
+    worker = ingest.worker().start()
+    wait_for(lambda: stored_messages(ingest.db_url) >= n + probe, 60, "every message stored")
+    time.sleep(1.0)  # anything redelivered late would show up now
+    assert worker.stop() == 0
+    assert_each_message_once(ingest.db_url, n, probe)
+
+
+def test_two_workers_share_the_load_without_loss(ingest) -> None:
+    n = 4_000
+    first = ingest.worker("a").start()
+    second = ingest.worker("b").start()
+    devices = ingest.devices(10)
+    probe = ingest.wait_until_subscribed(first, devices[0], also=[second])
+    publisher = Publisher(devices, n, rate=2_000)
+    publisher.start()
+    publisher.wait_all_acked(60)
+    wait_for(lambda: stored_messages(ingest.db_url) >= n + probe, 60, "every message stored")
+    assert first.stop() == 0 and second.stop() == 0
+    assert_each_message_once(ingest.db_url, n, probe)
+    shares = [ingest.stored_by(w) for w in (first, second)]
+    assert all(s > n // 10 for s in shares), f"one worker idled: {shares}"
+
+
+def test_gateway_refuses_what_the_broker_would_have_let_through(ingest) -> None:
+    """Defence behind the ACL: unregistered ids and unattached hub sub-devices are refused."""
+    worker = ingest.worker().start()
+    [dev] = ingest.devices(1)
+    ingest.wait_until_subscribed(worker, dev)
+    hub = ingest.hub_with_stranger()
+    hub.client.publish(
+        f"eldercare/v1/hubs/{hub.device_id}/telemetry",
+        b'{"msg_id": "h1", "devices": {"%s": {"ts": %d, "metrics": {"spo2": 97}}}}'
+        % (dev.device_id.encode(), int(time.time() * 1000)),
+        qos=1,
+    ).wait_for_publish(5)
+    wait_for(lambda: scalar(ingest.db_url, "SELECT count(*) FROM dead_letters") >= 1, 20, "the refusal")
+    assert ingest.rows("SELECT reason, device_id FROM dead_letters") == [
+        ("not_attached_to_hub", dev.device_id)
+    ]
+    assert worker.stop() == 0

@@ -1,0 +1,185 @@
+"""The batch writer against a real PostgreSQL: dedup, dead letters, isolation, the rules seam."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+
+from eldercare.alerts.ruleset import RuleBatch
+from eldercare.devices.records import (
+    CLOCK_SKEW,
+    OUT_OF_RANGE,
+    DeviceEvent,
+    Interpretation,
+    Reading,
+    Rejection,
+    StatusUpdate,
+)
+from eldercare.gateway.store.devices import add_device
+from eldercare.gateway.store.writer import INTERNAL_ERROR, BatchWriter, Received
+
+NOW = 1_790_000_000.0  # 2026-09-21, a fixed receive time
+T = datetime.fromtimestamp(NOW, UTC)
+
+
+def telemetry(device: str, msg_id: str, values: dict[str, float], flags: list[str] | None = None) -> Received:
+    interp = Interpretation(source_id=device, msg_id=msg_id, seen_devices=[device])
+    for metric, value in values.items():
+        interp.readings.append(Reading(T, device, "e-1", metric, value, list(flags or [])))
+    return Received(f"eldercare/v1/devices/{device}/telemetry", b"{}", NOW, interp)
+
+
+@pytest.fixture
+def conn(db_url: str):
+    with psycopg.connect(db_url) as conn:
+        add_device(conn, "w-0001", "wristband", "e-1")
+        add_device(conn, "w-0002", "wristband", "e-1")
+        yield conn
+
+
+def flavour(conn: psycopg.Connection) -> str:
+    return conn.execute("SELECT value FROM store_info WHERE key = 'flavour'").fetchone()[0]
+
+
+def count(conn: psycopg.Connection, sql: str) -> int:
+    return conn.execute(sql).fetchone()[0]
+
+
+def test_batch_stores_readings_once_and_counts_redeliveries(conn) -> None:
+    writer = BatchWriter(flavour(conn))
+    first = writer.write(conn, [telemetry("w-0001", "m1", {"heart_rate": 72, "spo2": 97})])
+    again = writer.write(
+        conn,
+        [telemetry("w-0001", "m1", {"heart_rate": 72, "spo2": 97}), telemetry("w-0001", "m2", {"spo2": 96})],
+    )
+    assert (first.readings, first.duplicates) == (2, 0)
+    assert (again.readings, again.duplicates) == (1, 1)
+    assert count(conn, "SELECT count(*) FROM observations") == 3
+    assert count(conn, "SELECT count(*) FROM message_receipts") == 2
+    assert count(conn, "SELECT count FROM device_rejections WHERE reason = 'duplicate'") == 1
+    assert count(conn, "SELECT count(*) FROM dead_letters") == 0  # counted, not stored twice
+
+
+def test_same_msg_id_twice_in_one_batch_is_stored_once(conn) -> None:
+    writer = BatchWriter(flavour(conn))
+    result = writer.write(conn, [telemetry("w-0001", "m1", {"spo2": 97})] * 2)
+    assert (result.readings, result.duplicates) == (1, 1)
+    assert count(conn, "SELECT count(*) FROM observations") == 1
+
+
+def test_same_msg_id_from_two_devices_is_two_messages(conn) -> None:
+    writer = BatchWriter(flavour(conn))
+    writer.write(conn, [telemetry("w-0001", "m1", {"spo2": 97}), telemetry("w-0002", "m1", {"spo2": 95})])
+    assert count(conn, "SELECT count(*) FROM observations") == 2
+
+
+def test_partial_message_keeps_valid_readings_and_dead_letters_the_rest(conn) -> None:
+    msg = telemetry("w-0001", "m1", {"heart_rate": 72})
+    msg.payload = b'{"msg_id":"m1","metrics":{"heart_rate":72,"spo2":300}}'
+    msg.interp.rejections.append(Rejection(OUT_OF_RANGE, "spo2=300 outside 50-100", "w-0001"))
+    BatchWriter(flavour(conn)).write(conn, [msg])
+    assert count(conn, "SELECT count(*) FROM observations") == 1
+    row = conn.execute(
+        "SELECT device_id, msg_id, reason, detail, payload, payload_size FROM dead_letters"
+    ).fetchone()
+    assert row == ("w-0001", "m1", OUT_OF_RANGE, "spo2=300 outside 50-100", msg.payload, len(msg.payload))
+    assert count(conn, "SELECT count FROM device_rejections WHERE reason = 'out_of_range'") == 1
+
+
+def test_huge_payload_is_kept_truncated(conn) -> None:
+    interp = Interpretation(source_id="w-0001")
+    interp.rejections.append(Rejection("too_large", "70000 bytes > 65536", "w-0001"))
+    payload = b"x" * 70_000
+    BatchWriter(flavour(conn)).write(
+        conn, [Received("eldercare/v1/devices/w-0001/telemetry", payload, NOW, interp)]
+    )
+    size, stored, truncated = conn.execute(
+        "SELECT payload_size, length(payload), payload_truncated FROM dead_letters"
+    ).fetchone()
+    assert (size, stored, truncated) == (70_000, 65_536, True)
+
+
+def test_status_updates_device_and_older_status_does_not_overwrite(conn) -> None:
+    writer = BatchWriter(flavour(conn))
+    newer = Interpretation(source_id="w-0001", statuses=[StatusUpdate("w-0001", T, False, 12.0, "2.1.0")])
+    older = Interpretation(
+        source_id="w-0001",
+        statuses=[StatusUpdate("w-0001", datetime.fromtimestamp(NOW - 60, UTC), True, 80.0)],
+    )
+    topic = "eldercare/v1/devices/w-0001/status"
+    writer.write(conn, [Received(topic, b"{}", NOW, newer)])
+    writer.write(conn, [Received(topic, b"{}", NOW, older)])
+    online, battery, firmware = conn.execute(
+        "SELECT online, battery, firmware FROM devices WHERE device_id = 'w-0001'"
+    ).fetchone()
+    assert (online, battery, firmware) == (False, 12.0, "2.1.0")
+
+
+def test_a_value_the_store_refuses_is_isolated_and_the_rest_stored(conn) -> None:
+    bad = Interpretation(source_id="w-0001", msg_id="bad", seen_devices=["w-0001"])
+    bad.events.append(DeviceEvent(T, "w-0001", "e-1", "fall_detected", {"note": "a\u0000b"}, []))
+    batch = [
+        telemetry("w-0001", "m1", {"spo2": 97}),
+        Received("eldercare/v1/devices/w-0001/events", b'{"msg_id":"bad"}', NOW, bad),
+        telemetry("w-0001", "m2", {"spo2": 96}),
+    ]
+    result = BatchWriter(flavour(conn)).write(conn, batch)
+    assert result.isolated_failures == 1
+    assert count(conn, "SELECT count(*) FROM observations") == 2
+    assert conn.execute("SELECT msg_id, reason FROM dead_letters").fetchall() == [("bad", "schema")]
+
+
+class RecordingRules:
+    """A rule set that writes one decision per reading, and fails on request."""
+
+    def __init__(self, fail_on_value: float | None = None) -> None:
+        self.fail_on_value = fail_on_value
+        self.seen: list[RuleBatch] = []
+
+    def apply(self, cur: psycopg.Cursor, batch: RuleBatch) -> None:
+        self.seen.append(batch)
+        for r in batch.readings:
+            cur.execute(
+                "INSERT INTO test_decisions (device_id, metric, value) VALUES (%s, %s, %s)",
+                (r.device_id, r.metric, r.value),
+            )
+            if r.value == self.fail_on_value:
+                raise RuntimeError("rule blew up")
+
+
+@pytest.fixture
+def decisions(conn):
+    conn.execute("CREATE TABLE test_decisions (device_id text, metric text, value float8)")
+    conn.commit()
+
+
+def test_rule_decisions_commit_with_their_readings(conn, decisions) -> None:
+    rules = RecordingRules()
+    BatchWriter(flavour(conn), rules).write(conn, [telemetry("w-0001", "m1", {"heart_rate": 72, "spo2": 97})])
+    assert count(conn, "SELECT count(*) FROM test_decisions") == 2
+    assert count(conn, "SELECT count(*) FROM observations") == 2
+
+
+def test_failing_rules_roll_back_readings_and_decisions_together(conn, decisions) -> None:
+    rules = RecordingRules(fail_on_value=150)
+    batch = [telemetry("w-0001", "m1", {"heart_rate": 72}), telemetry("w-0001", "m2", {"heart_rate": 150})]
+    result = BatchWriter(flavour(conn), rules).write(conn, batch)
+    # m1 is stored with its decision; m2's reading and its half-written decision are both gone.
+    assert conn.execute("SELECT value FROM observations").fetchall() == [(72.0,)]
+    assert conn.execute("SELECT value FROM test_decisions").fetchall() == [(72.0,)]
+    assert conn.execute("SELECT msg_id, reason FROM dead_letters").fetchall() == [("m2", INTERNAL_ERROR)]
+    assert result.isolated_failures == 1
+    # m2 was not claimed as received: a redelivery after the fix is stored normally.
+    assert count(conn, "SELECT count(*) FROM message_receipts WHERE msg_id = 'm2'") == 0
+
+
+def test_clock_skewed_readings_are_stored_but_never_reach_the_rules(conn, decisions) -> None:
+    rules = RecordingRules()
+    skewed = telemetry("w-0001", "m1", {"heart_rate": 72}, flags=[CLOCK_SKEW])
+    skewed.interp.skewed = 1
+    BatchWriter(flavour(conn), rules).write(conn, [skewed, telemetry("w-0001", "m2", {"spo2": 97})])
+    assert [r.metric for r in rules.seen[0].readings] == ["spo2"]
+    assert count(conn, "SELECT count(*) FROM observations WHERE 'clock_skew' = ANY(flags)") == 1
+    assert count(conn, "SELECT count FROM device_rejections WHERE reason = 'clock_skew'") == 1

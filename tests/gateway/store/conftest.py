@@ -1,0 +1,69 @@
+"""Local fixtures of the store tests: a fresh database per test, plain or TimescaleDB."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from eldercare.gateway.store.migrate import migrate
+
+PLAIN_ADMIN_URL = os.environ.get(
+    "ELDERCARE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+TIMESCALE_ADMIN_URL = os.environ.get("ELDERCARE_TEST_TIMESCALE_URL", "")
+TIMESCALE_SKIP_REASON = (
+    "TimescaleDB extension not available on this server (run with "
+    "ELDERCARE_TEST_TIMESCALE_URL=postgresql://... pointing at a TimescaleDB, "
+    "e.g. docker compose up timescaledb)"
+)
+
+
+@contextmanager
+def _database(admin_url: str) -> Iterator[str]:
+    name = f"eldercare_store_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_conninfo(admin_url, dbname=name)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def fresh_db() -> Iterator[str]:
+    """Conninfo of a new, empty database on the plain PostgreSQL server (dropped after)."""
+    with _database(PLAIN_ADMIN_URL) as url:
+        yield url
+
+
+@pytest.fixture
+def plain_db(fresh_db: str) -> str:
+    """Conninfo of a new database migrated as a plain-PostgreSQL store."""
+    migrate(fresh_db, flavour="plain")
+    return fresh_db
+
+
+@pytest.fixture(params=["plain", pytest.param("timescale", marks=pytest.mark.timescale)])
+def store_db(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
+    """(flavour, conninfo) of a new migrated store, once per flavour; TimescaleDB may skip."""
+    if request.param == "plain":
+        with _database(PLAIN_ADMIN_URL) as url:
+            migrate(url, flavour="plain")
+            yield "plain", url
+        return
+    if not TIMESCALE_ADMIN_URL:
+        pytest.skip(TIMESCALE_SKIP_REASON)
+    with _database(TIMESCALE_ADMIN_URL) as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
+        if row is None:
+            pytest.skip(TIMESCALE_SKIP_REASON)
+        migrate(url, flavour="timescale")
+        yield "timescale", url

@@ -1,0 +1,165 @@
+"""The migration runner: idempotent, concurrent-safe, flavour variants, edited history refused."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from eldercare.gateway.store.maintenance import partition_name, week_start
+from eldercare.gateway.store.migrate import MigrationError, load_migrations, migrate, status
+
+
+def _applied(url: str) -> list[tuple[str, str, str | None]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT version, name, flavour FROM schema_migrations ORDER BY version"
+        ).fetchall()
+
+
+def _tiny_migrations(folder: Path) -> Path:
+    """A folder with one common migration and one with flavour variants."""
+    folder.mkdir()
+    (folder / "0001_first.sql").write_text("CREATE TABLE first (id int);\n")
+    for flavour in ("plain", "timescale"):
+        (folder / f"0002_second.{flavour}.sql").write_text(
+            "CREATE TABLE store_info (key text PRIMARY KEY, value text NOT NULL);\n"
+            f"INSERT INTO store_info VALUES ('flavour', '{flavour}');\n"
+            f"CREATE TABLE second_{flavour} (id int);\n"
+        )
+    return folder
+
+
+def test_packaged_migrations_pair_their_variants() -> None:
+    versions = {m.version: m for m in load_migrations()}
+    assert set(versions) >= {"0001", "0002"}
+    assert not versions["0001"].has_variants
+    assert versions["0002"].has_variants
+    assert versions["0002"].name == "timeseries"
+
+
+def test_migrate_applies_everything_once_then_is_a_noop(fresh_db: str) -> None:
+    assert migrate(fresh_db) == ["0001", "0002"]  # no TimescaleDB here: detected plain
+    assert migrate(fresh_db) == []
+    assert _applied(fresh_db) == [("0001", "core", None), ("0002", "timeseries", "plain")]
+    with psycopg.connect(fresh_db) as conn:
+        flavour = conn.execute("SELECT value FROM store_info WHERE key = 'flavour'").fetchone()
+        assert flavour == ("plain",)
+        for table in ("observations", "device_events", "rollup_dirty", "observations_1m"):
+            row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+            assert row == (True,), table
+
+
+def test_two_processes_migrating_a_fresh_store_at_once_apply_each_migration_once(
+    fresh_db: str,
+) -> None:
+    barrier = threading.Barrier(2)
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            barrier.wait(timeout=10)
+            results.append(migrate(fresh_db))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+    assert sorted(results) == [[], ["0001", "0002"]]
+    assert [r[0] for r in _applied(fresh_db)] == ["0001", "0002"]
+
+
+def test_an_applied_migration_edited_afterwards_is_refused(fresh_db: str, tmp_path: Path) -> None:
+    folder = _tiny_migrations(tmp_path / "migrations")
+    assert migrate(fresh_db, source=folder) == ["0001", "0002"]
+    (folder / "0001_first.sql").write_text("CREATE TABLE first (id bigint);\n")
+    with pytest.raises(MigrationError, match=r"0001_first\.sql was changed after it was applied"):
+        migrate(fresh_db, source=folder)
+    # Line endings alone do not count as an edit.
+    (folder / "0001_first.sql").write_text("CREATE TABLE first (id int);\r\n", newline="")
+    assert migrate(fresh_db, source=folder) == []
+
+
+def test_the_variant_of_the_store_flavour_is_applied_and_the_flavour_sticks(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    folder = _tiny_migrations(tmp_path / "migrations")
+    assert migrate(fresh_db, source=folder) == ["0001", "0002"]
+    assert _applied(fresh_db)[1] == ("0002", "second", "plain")
+    (folder / "0003_third.sql").write_text("CREATE TABLE third (id int);\n")
+    with pytest.raises(MigrationError, match="cannot be migrated as 'timescale'"):
+        migrate(fresh_db, source=folder, flavour="timescale")
+    assert migrate(fresh_db, source=folder) == ["0003"]
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT to_regclass('second_plain') IS NOT NULL").fetchone() == (True,)
+        assert conn.execute("SELECT to_regclass('second_timescale')").fetchone() == (None,)
+
+
+def test_a_failing_migration_leaves_nothing_half_done(fresh_db: str, tmp_path: Path) -> None:
+    folder = _tiny_migrations(tmp_path / "migrations")
+    (folder / "0003_broken.sql").write_text("CREATE TABLE half (id int);\nSELECT 1/0;\n")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        migrate(fresh_db, source=folder)
+    assert [r[0] for r in _applied(fresh_db)] == ["0001", "0002"]
+    with psycopg.connect(fresh_db) as conn:
+        assert conn.execute("SELECT to_regclass('half')").fetchone() == (None,)
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        (["0001_x.plain.sql"], "needs both"),
+        (["0001_x.sql", "0001_x.plain.sql", "0001_x.timescale.sql"], "pick one"),
+        (["0001_x.sql", "0001_y.sql"], "disagree on the name"),
+        (["1_x.sql"], "expected NNNN_name.sql"),
+    ],
+)
+def test_badly_named_migration_files_are_refused(tmp_path: Path, files: list[str], message: str) -> None:
+    for name in files:
+        (tmp_path / name).write_text("SELECT 1;\n")
+    with pytest.raises(MigrationError, match=message):
+        load_migrations(tmp_path)
+
+
+def test_status_lists_pending_then_applied_migrations(fresh_db: str) -> None:
+    assert [(v, n, at) for v, n, at in status(fresh_db)] == [
+        ("0001", "core", None),
+        ("0002", "timeseries", None),
+    ]
+    migrate(fresh_db)
+    rows = status(fresh_db)
+    assert [(v, n) for v, n, _ in rows] == [("0001", "core"), ("0002", "timeseries")]
+    assert all(isinstance(at, datetime) for _, _, at in rows)
+
+
+def test_migrate_mirrors_the_metric_catalog(plain_db: str) -> None:
+    catalog = pytest.importorskip("eldercare.devices.catalog")
+    expected = {m.name: m for m in catalog.load_catalog().metrics.values()}
+    with psycopg.connect(plain_db) as conn:
+        rows = conn.execute("SELECT metric, unit, loinc, range_low, range_high FROM metrics").fetchall()
+    assert {r[0] for r in rows} == set(expected)
+    for metric, unit, loinc, low, high in rows:
+        m = expected[metric]
+        assert (unit, loinc, low, high) == (m.unit, m.loinc, m.low, m.high)
+
+
+def test_migrate_creates_the_partitions_of_the_current_weeks(plain_db: str) -> None:
+    this_week = partition_name("observations", week_start(datetime.now(UTC)))
+    with psycopg.connect(plain_db) as conn:
+        names = {
+            r[0]
+            for r in conn.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = 'observations'::regclass"
+            )
+        }
+    assert this_week in names
+    assert "observations_default" in names
