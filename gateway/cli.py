@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import threading
+import warnings
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated
@@ -16,7 +16,7 @@ from rich.table import Table
 
 from eldercare.gateway.settings import SETTINGS_HELP, Settings, SettingsError, load_settings
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 app = typer.Typer(
@@ -51,7 +51,7 @@ def database_url(s: Settings) -> str:
     """The store's URL; the running demo's embedded database when none is configured."""
     if s.database_url:
         return s.database_url
-    from eldercare.gateway.embedded import running_demo_urls
+    from eldercare.gateway.demo import running_demo_urls
 
     urls = running_demo_urls(s.data_dir)
     if urls and urls.get("database_url"):
@@ -249,19 +249,23 @@ bench_app.registered_commands[-1].context_settings = {
 
 @app.command()
 def demo(
-    devices: Annotated[int, typer.Option(help="simulated devices to publish")] = 6,
+    homes: Annotated[int, typer.Option(help="simulated homes (wristband, BP monitor, hub + bed sensor)")] = 3,
     rate: Annotated[float, typer.Option(help="messages per second, all devices together")] = 5.0,
+    duration: Annotated[float | None, typer.Option(help="stop after this many seconds")] = None,
 ) -> None:
     """Start embedded PostgreSQL and MQTT, migrate, register devices, publish and show live counts."""
     from eldercare.gateway.demo import run_demo
+    from eldercare.gateway.logs import configure_logging
 
     s = settings()
-    run_demo(s, devices=devices, rate=rate, console=out)
+    configure_logging("WARNING", "console")  # the live view is the output; warnings still show
+    run_demo(s, homes=homes, rate=rate, duration=duration, console=out)
 
 
 def main() -> None:
     """Console-script entry point."""
-    logging.captureWarnings(True)
+    # platformdirs (via the embedded PostgreSQL) warns when XDG_RUNTIME_DIR is unset: noise.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     try:
         app()
     except SettingsError as exc:

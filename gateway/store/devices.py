@@ -59,7 +59,10 @@ class RegistryFeed:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop following changes (waits briefly for the feed's thread)."""
         self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2.0)
 
     def _run(self) -> None:
         first = True
@@ -76,6 +79,8 @@ class RegistryFeed:
                         if changed:
                             self._reload(conn, changed)
             except psycopg.Error as exc:
+                if self._stop.is_set():
+                    return
                 log.warning(
                     "registry feed lost its connection, retrying",
                     extra={"error": type(exc).__name__},

@@ -1,0 +1,181 @@
+"""Simulated homes for the demo: each elder's wristband, blood-pressure monitor and hub.
+
+Every device connects with its own broker account (client id = username = device id), as a
+real one would, and publishes what device-mqtt.md describes: telemetry (now and then in an
+alternative unit), a hub relaying a bed sensor, events, status with a Last Will, and,
+deliberately, the odd faulty message (an impossible value, an unknown metric, broken JSON)
+so that the demo shows dead letters with their reasons too.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from itertools import count
+
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from eldercare.gateway.broker import MqttAccount
+
+
+@dataclass(frozen=True, slots=True)
+class SimDevice:
+    """A device of a simulated home: id, type, the elder it watches, the hub it sits behind."""
+
+    device_id: str
+    type: str
+    elder_id: str | None = None
+    hub_id: str | None = None
+
+
+def home_devices(homes: int, prefix: str = "demo") -> list[SimDevice]:
+    """The devices of ``homes`` simulated homes (hubs listed before their sensors)."""
+    devices: list[SimDevice] = []
+    for h in range(1, homes + 1):
+        elder = f"e-{prefix}-{h:03d}"
+        hub = f"hub-{prefix}-{h:03d}"
+        devices += [
+            SimDevice(f"w-{prefix}-{h:03d}", "wristband", elder),
+            SimDevice(f"bp-{prefix}-{h:03d}", "bp_monitor", elder),
+            SimDevice(hub, "hub"),
+            SimDevice(f"bed-{prefix}-{h:03d}", "bed_sensor", elder, hub),
+        ]
+    return devices
+
+
+class SimulatedHomes:
+    """Publishes for the simulated devices at about ``rate`` messages per second until stopped."""
+
+    def __init__(
+        self,
+        devices: list[SimDevice],
+        accounts: dict[str, MqttAccount],
+        rate: float = 5.0,
+        fault_share: float = 0.05,
+        seed: int | None = None,
+    ) -> None:
+        self.devices = devices
+        self.accounts = accounts
+        self.rate = rate
+        self.fault_share = fault_share
+        self.random = random.Random(seed)
+        self.published = 0
+        self._stop = threading.Event()
+        self._clients: dict[str, mqtt.Client] = {}
+        self._seq = count(int(time.time()))
+        self._thread = threading.Thread(target=self._run, name="simulated-homes", daemon=True)
+
+    def start(self) -> SimulatedHomes:
+        for device in self.devices:
+            if device.hub_id is None:  # sensors behind a hub have no connection of their own
+                self._clients[device.device_id] = self._connect(device)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for client in self._clients.values():
+            client.disconnect()  # a clean disconnect: no Last Will
+            client.loop_stop()
+
+    def _connect(self, device: SimDevice) -> mqtt.Client:
+        account = self.accounts[device.device_id]
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=account.client_id)
+        client.username_pw_set(account.username, account.password)
+        kind = "hubs" if device.type == "hub" else "devices"
+        client.will_set(
+            f"eldercare/v1/{kind}/{device.device_id}/status",
+            orjson.dumps({"online": False}),
+            qos=1,
+            retain=True,
+        )
+        client.connect_async(account.host, account.port, keepalive=30)
+        client.loop_start()
+        return client
+
+    def _run(self) -> None:
+        for device_id, client in self._clients.items():
+            kind = "hubs" if device_id.startswith("hub-") else "devices"
+            client.publish(
+                f"eldercare/v1/{kind}/{device_id}/status",
+                orjson.dumps({"ts": _now_ms(), "online": True, "battery": 80, "firmware": "2.1.0"}),
+                qos=1,
+                retain=True,
+            )
+        publishers = [d for d in self.devices if d.hub_id is None]
+        interval = 1.0 / self.rate
+        while not self._stop.wait(interval):
+            device = self.random.choice(publishers)
+            topic, payload = self._message(device)
+            self._clients[device.device_id].publish(topic, payload, qos=1)
+            self.published += 1
+
+    def _message(self, device: SimDevice) -> tuple[str, bytes]:
+        r = self.random
+        msg_id = f"{device.device_id}-{next(self._seq)}"
+        base = f"eldercare/v1/devices/{device.device_id}"
+        if r.random() < self.fault_share:
+            return self._fault(base, msg_id)
+        if device.type == "wristband":
+            if r.random() < 0.03:
+                event = r.choice(["sos_pressed", "fall_detected", "fall_recovered", "wearable_removed"])
+                body = {"msg_id": msg_id, "ts": _now_ms(), "event": event, "confidence": 0.9}
+                return f"{base}/events", orjson.dumps(body)
+            metrics = {
+                "heart_rate": r.randint(58, 96),
+                "spo2": r.randint(93, 99),
+                "steps": r.randint(0, 8000),
+            }
+            return f"{base}/telemetry", orjson.dumps(
+                {"msg_id": msg_id, "ts": _now_ms(), "metrics": metrics, "battery": r.randint(40, 90)}
+            )
+        if device.type == "bp_monitor":
+            systolic, diastolic = r.randint(110, 165), r.randint(65, 98)
+            if r.random() < 0.3:  # some monitors report in kPa: the gateway converts
+                metrics = {
+                    "systolic_bp": {"value": round(systolic / 7.50062, 2), "unit": "kPa"},
+                    "diastolic_bp": {"value": round(diastolic / 7.50062, 2), "unit": "kPa"},
+                }
+            else:
+                metrics = {"systolic_bp": systolic, "diastolic_bp": diastolic}
+            return f"{base}/telemetry", orjson.dumps({"msg_id": msg_id, "ts": _now_ms(), "metrics": metrics})
+        # a hub relays its bed sensors, as a short buffered batch of samples
+        beds = [d for d in self.devices if d.hub_id == device.device_id]
+        now = _now_ms()
+        wrapped = {
+            bed.device_id: {
+                "samples": [
+                    {
+                        "ts": now - 1000 * k,
+                        "metrics": {"bed_occupied": 1, "respiration_rate": r.randint(12, 20)},
+                    }
+                    for k in range(3, 0, -1)
+                ]
+            }
+            for bed in beds
+        }
+        return (
+            f"eldercare/v1/hubs/{device.device_id}/telemetry",
+            orjson.dumps({"msg_id": msg_id, "devices": wrapped}),
+        )
+
+    def _fault(self, base: str, msg_id: str) -> tuple[str, bytes]:
+        """A faulty message of a kind real vendors send, to be dead-lettered with a reason."""
+        kind = self.random.choice(["out_of_range", "unknown_metric", "malformed_json", "unknown_unit"])
+        if kind == "malformed_json":
+            return f"{base}/telemetry", b'{"msg_id": "' + msg_id.encode() + b'", "metrics": {'
+        metrics: dict[str, object] = {
+            "out_of_range": {"spo2": 140},
+            "unknown_metric": {"pulse_wave": 3},
+            "unknown_unit": {"heart_rate": {"value": 70, "unit": "bpm"}},
+        }[kind]
+        return f"{base}/telemetry", orjson.dumps({"msg_id": msg_id, "ts": _now_ms(), "metrics": metrics})
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
