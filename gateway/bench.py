@@ -36,7 +36,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -90,7 +90,7 @@ class BenchOptions:
     protocol: Protocol = "5"
     #: Paced steps, messages/s: 3-metric telemetry, and hub messages (each with
     #: ``samples_per_message`` samples of 3 metrics).
-    rates: tuple[float, ...] = (4_000, 8_000, 12_000, 16_000, 20_000)
+    rates: tuple[float, ...] = (4_000, 6_000, 8_000, 10_000, 12_000, 14_000, 16_000, 20_000)
     hub_rates: tuple[float, ...] = (50, 100, 150, 200, 300, 400)
     step_s: float = 20.0
     #: A step passes if everything published is stored within this many seconds of its end.
@@ -114,6 +114,10 @@ class BenchOptions:
     keep: bool = False
     #: Write the results as JSON here too.
     json_path: str | None = None
+    #: Record the (first) worker with py-spy during its backlog drain: files
+    #: ``<profile_prefix>-<variant>.txt`` (collapsed stacks, one line per stack, with thread ids)
+    #: and a summary printed at the end of the drain.
+    profile_prefix: str | None = None
 
     @classmethod
     def quick(cls, **changes: Any) -> BenchOptions:
@@ -192,6 +196,8 @@ class DrainResult:
     rss_mib: float
     #: Including the worker's start-up (process start to last commit); None for bare.
     seconds_from_start: float | None = None
+    #: CPU during the drain, % of one core per process group (see CpuMeter).
+    cpu: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -805,7 +811,7 @@ def _fmt_s(x: float | None) -> str:
 
 
 def _cpu_text(cpu: dict[str, float]) -> str:
-    keys = ("worker", "postgres", "broker", "publishers", "bare")
+    keys = ("worker", "postgres", "broker", "publishers", "bare", "bench")
     parts = [f"{k} {cpu[k]:.0f}%" for k in keys if k in cpu]
     if "machine" in cpu:
         parts.append(f"machine {cpu['machine']:.0f}% of {100 * (os.cpu_count() or 1)}%")
@@ -916,18 +922,22 @@ class VariantRun:
             self.preload(m)
             t0 = time.time()
             bare.start()
+            meter = self._drain_meter(bare.pids, "bare")
             deadline = time.monotonic() + 120
             while bare.received() < m and time.monotonic() < deadline:
                 time.sleep(0.05)
+                meter.read()  # keeps each process's last reading
+            cpu = meter.read()
             reports = bare.stop()
             got = sum(r.received for r in reports)
             first = min((r.first_at for r in reports if r.received), default=t0)
             last = max((r.last_at for r in reports if r.received), default=t0)
             span = max(1e-6, last - first)
-            drain = DrainResult(m, got, span, got / span, 0.0, last - t0)
+            drain = DrainResult(m, got, span, got / span, 0.0, None, cpu)
             self.say(
                 f"bare drain: {got:,}/{m:,} messages in {span:.2f} s = "
                 f"[bold]{drain.rate:,.0f} msg/s[/] (MQTT {self.o.protocol}, QoS 1, counting only)"
+                f" | {_cpu_text(cpu)}"
             )
             bare.start()
             steps = self.ladder("bare", bare)
@@ -977,6 +987,7 @@ class VariantRun:
         groups: dict[str, Sequence[int]] = {
             "broker": [self.broker.pid],
             "publishers": run.pids(),
+            "bench": [os.getpid()],
         }
         if isinstance(sink, Workers):
             groups["worker"] = sink.pids
@@ -1156,11 +1167,16 @@ class VariantRun:
         workers.max_rss = 0
         workers.start()
         started = workers.started_at
+        spy = self._start_profile(workers)
         deadline = time.monotonic() + max(120.0, m / 500.0)
         last, last_change = 0, time.monotonic()
+        meter: CpuMeter | None = None
         with Live(Text(""), console=self.console, transient=True, refresh_per_second=4) as live:
             while True:
                 s = workers.sample()
+                if meter is None and s.stored:
+                    # From the first commit on: by then the workers' database sessions exist.
+                    meter = self._drain_meter(workers.pids)
                 if s.stored >= m:
                     done = time.time()
                     break
@@ -1174,6 +1190,8 @@ class VariantRun:
                     Text(f"worker drain: {s.stored:,}/{m:,} stored | RSS {workers.rss() / 2**20:,.0f} MiB")
                 )
                 time.sleep(0.05)
+        if spy is not None:
+            self._finish_profile(*spy)
         # The drain starts when the first backlog message reaches a worker (receipt time).
         first_rx = self._first_receipt(tag_report)
         begin = first_rx if first_rx is not None else started
@@ -1185,13 +1203,47 @@ class VariantRun:
             min(s.stored, m) / span,
             workers.max_rss / 2**20,
             done - started,
+            meter.read() if meter else {},
         )
         self.say(
             f"worker drain: {drain.drained:,}/{m:,} in {span:.2f} s = [bold]{drain.rate:,.0f} "
             f"msg/s[/] ({drain.rate * self.dp:,.0f} dp/s; {drain.seconds_from_start:.1f} s from "
-            f"process start), RSS max {drain.rss_mib:,.0f} MiB"
+            f"process start), RSS max {drain.rss_mib:,.0f} MiB | {_cpu_text(drain.cpu)}"
         )
         return drain
+
+    def _drain_meter(self, pids: Sequence[int], name: str = "worker") -> CpuMeter:
+        groups: dict[str, Sequence[int]] = {name: pids, "broker": [self.broker.pid]}
+        if name == "worker":
+            with contextlib.suppress(psycopg.Error):
+                groups["postgres"] = postgres_pids(self.db_url)
+        return CpuMeter(groups)
+
+    def _start_profile(self, workers: Workers) -> tuple[subprocess.Popen[bytes], Path] | None:
+        if not self.o.profile_prefix:
+            return None
+        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        out = Path(f"{self.o.profile_prefix}-{self.variant}.txt")
+        # --gil: only the thread holding the GIL is sampled (the worker is GIL-bound, so that
+        # is where its one core goes); --nonblocking: the worker is not paused per sample.
+        cmd = [exe, "record", "--pid", str(workers.pids[0]), "--rate", "100", "--format", "raw"]
+        cmd += ["--threads", "--gil", "--nonblocking", "--output", str(out)]
+        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.say(f"recording worker {workers.pids[0]} with py-spy into {out}")
+        return spy, out
+
+    def _finish_profile(self, spy: subprocess.Popen[bytes], out: Path) -> None:
+        spy.send_signal(signal.SIGINT)
+        try:
+            _, err = spy.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            _, err = spy.communicate()
+        if not out.exists():
+            self.notes.append(f"py-spy wrote no profile: {err.decode(errors='replace')[-300:]}")
+            return
+        for line in profile_summary(out.read_text()):
+            self.say(f"profile: {line}")
 
     def _first_receipt(self, report: PublishReport) -> float | None:
         tag = f"{report.tag}-%"
@@ -1201,6 +1253,59 @@ class VariantRun:
                 (tag,),
             ).fetchone()
         return float(row[0]) if row and row[0] is not None else None
+
+
+# ---- profiles -------------------------------------------------------------------------------
+
+#: Where a worker's time goes: the innermost frame from one of these names a sample's owner.
+_PROFILE_BUCKETS: tuple[tuple[str, str], ...] = (
+    ("interpret (orjson decode, validation, units)", "devices/"),
+    ("store writer (our code: rows, receipts, SQL)", "store/writer"),
+    ("psycopg (driver: COPY encoding, waiting for the server)", "psycopg/"),
+    ("prometheus_client (metrics, /metrics scrapes)", "prometheus_client/"),
+    ("worker (queue, batching, acks, metrics calls)", "ingest/"),
+    ("paho-mqtt (socket, packet parsing, callbacks, acks)", "paho/"),
+    ("queue / threading", "threading.py"),
+)
+
+
+def profile_summary(raw: str, top: int = 12, rate: float = 100.0) -> list[str]:
+    """Lines saying where the samples of a py-spy raw (collapsed, --threads) profile went."""
+    total = 0
+    threads: dict[str, int] = {}
+    buckets: dict[str, int] = {}
+    selfs: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, n_text = line.rpartition(" ")
+        if not stack or not n_text.isdigit():
+            continue
+        n = int(n_text)
+        frames = stack.split(";")
+        total += n
+        head = frames[0]
+        thread = head.split(": ", 1)[1] if ": " in head else "(unnamed)"
+        threads[thread] = threads.get(thread, 0) + n
+        owner = "other"
+        for f in reversed(frames[1:]):
+            label = next((lbl for lbl, needle in _PROFILE_BUCKETS if needle in f), None)
+            if label:
+                owner = label
+                break
+        buckets[owner] = buckets.get(owner, 0) + n
+        leaf = frames[-1].rsplit(":", 1)[0] + ")"
+        selfs[leaf] = selfs.get(leaf, 0) + n
+    if not total:
+        return ["no samples"]
+
+    def by_count(d: dict[str, int]) -> list[tuple[str, int]]:
+        return sorted(d.items(), key=lambda kv: -kv[1])
+
+    out = [f"{total} samples at {rate:g}/s per busy thread = {total / rate:.1f} thread-seconds"]
+    out += [f"thread {k}: {v / rate:.1f} s ({v / total:.0%})" for k, v in by_count(threads)[:5]]
+    out += [f"{v / total:4.0%} {k}" for k, v in by_count(buckets)]
+    out.append("hottest frames (self time):")
+    out += [f"  {v / total:5.1%} {k}" for k, v in by_count(selfs)[:top]]
+    return out
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -1422,6 +1527,12 @@ def parse_args(argv: Sequence[str]) -> BenchOptions:
     )
     p.add_argument("--keep", action="store_true", help="keep the database and the work folder")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON to this file")
+    p.add_argument(
+        "--profile",
+        dest="profile_prefix",
+        metavar="PREFIX",
+        help="record the worker with py-spy during its drain into PREFIX-<variant>.txt",
+    )
     a = p.parse_args(list(argv))
     opts = BenchOptions.quick() if a.quick else BenchOptions()
     changes: dict[str, Any] = {
@@ -1433,6 +1544,7 @@ def parse_args(argv: Sequence[str]) -> BenchOptions:
         "admin_url": a.admin_url,
         "keep": a.keep,
         "json_path": a.json_path,
+        "profile_prefix": a.profile_prefix,
         "worker_env": tuple(tuple(e.split("=", 1)) for e in a.worker_env),
     }
     for key, attr in (

@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 
+import psycopg
 import pytest
 
+from eldercare.gateway.broker import free_port
+from eldercare.gateway.store.devices import set_enabled
 from tests.gateway.ingest.processes import Publisher, scalar
-from tests.waiting import wait_for
+from tests.waiting import never, wait_for
 
 pytestmark = pytest.mark.slow
 
 
 def stored_messages(db_url: str) -> int:
     return scalar(db_url, "SELECT count(*) FROM message_receipts")
+
+
+def stored_ids(ingest, *msg_ids: str) -> int:
+    """How many of these msg_ids have been committed."""
+    listed = ", ".join(f"'{m}'" for m in msg_ids)
+    return scalar(ingest.db_url, f"SELECT count(*) FROM message_receipts WHERE msg_id IN ({listed})")
 
 
 def assert_each_message_once(db_url: str, n: int, probes: int) -> None:
@@ -92,7 +102,7 @@ def test_redelivered_message_after_restart_is_not_stored_twice(ingest) -> None:
 
 def test_kill_9_mid_stream_then_restart_stores_every_message_exactly_once(ingest) -> None:
     n = 6_000
-    worker = ingest.worker().start()
+    worker = ingest.worker(ELDERCARE_QUEUE_SIZE="100").start()  # a small bound: backpressure at work
     devices = ingest.devices(10)
     probe = ingest.wait_until_subscribed(worker, devices[0])
     publisher = Publisher(devices, n, rate=2_000)
@@ -142,3 +152,69 @@ def test_gateway_refuses_what_the_broker_would_have_let_through(ingest) -> None:
         ("not_attached_to_hub", dev.device_id)
     ]
     assert worker.stop() == 0
+
+
+def test_an_event_flushes_its_batch_at_once(ingest) -> None:
+    """With a 4 s batch delay, readings wait; a fall event takes them along at once."""
+    worker = ingest.worker(ELDERCARE_BATCH_MAX_DELAY_MS="4000", ELDERCARE_BATCH_SIZE="5000").start()
+    [dev] = ingest.devices(1)
+    ingest.wait_until_subscribed(worker, dev)
+    now = int(time.time() * 1000)
+    dev.publish("telemetry", {"msg_id": "slow-1", "ts": now, "metrics": {"heart_rate": 72}}).wait_for_publish(
+        5
+    )
+    never(lambda: stored_ids(ingest, "slow-1"), 1.0, "a reading stored before its batch was due")
+    dev.publish("events", {"msg_id": "fall-1", "ts": now, "event": "fall_detected"}).wait_for_publish(5)
+    wait_for(lambda: stored_ids(ingest, "slow-1", "fall-1") == 2, 3, "the event and the reading before it")
+    assert worker.stop() == 0
+
+
+def test_an_emergency_reading_flushes_its_batch_at_once(ingest) -> None:
+    worker = ingest.worker(ELDERCARE_BATCH_MAX_DELAY_MS="4000", ELDERCARE_BATCH_SIZE="5000").start()
+    [dev] = ingest.devices(1)
+    ingest.wait_until_subscribed(worker, dev)
+    now = int(time.time() * 1000)
+    dev.publish("telemetry", {"msg_id": "ok-1", "ts": now, "metrics": {"spo2": 96}}).wait_for_publish(5)
+    never(lambda: stored_ids(ingest, "ok-1"), 1.0, "a reading stored before its batch was due")
+    dev.publish("telemetry", {"msg_id": "low-1", "ts": now, "metrics": {"spo2": 82}}).wait_for_publish(5)
+    wait_for(lambda: stored_ids(ingest, "ok-1", "low-1") == 2, 3, "the emergency reading")
+    assert worker.stop() == 0
+
+
+def test_disabling_a_device_takes_effect_without_restart(ingest) -> None:
+    worker = ingest.worker().start()
+    [dev] = ingest.devices(1)
+    ingest.wait_until_subscribed(worker, dev)
+    with psycopg.connect(ingest.db_url) as conn:
+        set_enabled(conn, dev.device_id, False)
+    time.sleep(0.5)  # the notification reaches the worker's registry feed
+    dev.publish("telemetry", {"msg_id": "off-1", "ts": int(time.time() * 1000), "metrics": {"spo2": 96}})
+    wait_for(lambda: ingest.rows("SELECT reason FROM dead_letters"), 10, "the refusal")
+    assert ingest.rows("SELECT reason, msg_id FROM dead_letters") == [("device_disabled", None)]
+    assert worker.stop() == 0
+
+
+def test_mqtt_311_plain_subscription_and_metrics_endpoint(ingest) -> None:
+    """The fallback for brokers without MQTT 5 or $share; /metrics counts what happened."""
+    port = free_port()
+    worker = ingest.worker(
+        ELDERCARE_MQTT_PROTOCOL="3.1.1", ELDERCARE_MQTT_SHARED_GROUP="", ELDERCARE_METRICS_PORT=str(port)
+    ).start()
+    [dev] = ingest.devices(1)
+    probes = ingest.wait_until_subscribed(worker, dev)
+    dev.publish("telemetry", {"msg_id": "x", "ts": int(time.time() * 1000), "metrics": {"pulse": 1}})
+    wait_for(lambda: ingest.rows("SELECT reason FROM dead_letters"), 10, "the refusal")
+    text = wait_for(lambda: _scrape(port), 10, "metrics")
+    assert f"eldercare_ingest_messages_stored_total {float(probes)}" in text
+    assert 'eldercare_ingest_dead_letters_total{reason="unknown_metric"} 1.0' in text
+    assert "eldercare_ingest_lag_seconds_bucket" in text
+    assert worker.stop() == 0
+
+
+def _scrape(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return ""
+    return text if 'reason="unknown_metric"' in text else ""
