@@ -190,6 +190,38 @@ def devices_enable(device_id: str) -> None:
     _set_enabled(device_id, True)
 
 
+@devices_app.command("passwd-file")
+def devices_passwd_file(
+    path: Annotated[str, typer.Argument(help="where to write the mosquitto password file")],
+) -> None:
+    """Write the broker's password file: every enabled device's hash, plus the gateway account.
+
+    The gateway account comes from ELDERCARE_MQTT_URL's user and password. Disabled devices
+    are left out, so the broker refuses them too. Send the broker SIGHUP afterwards.
+    """
+    import os
+    import tempfile
+
+    import psycopg
+
+    from eldercare.devices.credentials import hash_password, render_password_file
+
+    s = settings()
+    with psycopg.connect(database_url(s)) as conn:
+        entries = conn.execute(
+            "SELECT device_id, password_hash FROM devices"
+            " WHERE enabled AND password_hash IS NOT NULL ORDER BY device_id"
+        ).fetchall()
+    if s.mqtt_url and s.mqtt.username and s.mqtt.password:
+        entries.append((s.mqtt.username, hash_password(s.mqtt.password)))
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, encoding="utf-8") as tmp:
+        tmp.write(render_password_file(entries))
+    os.chmod(tmp.name, 0o600)
+    os.replace(tmp.name, path)  # atomic: the broker never reads half a file
+    out.print(f"wrote {len(entries)} account(s) to {path}; now send the broker SIGHUP")
+
+
 @app.command("dead-letters")
 def dead_letters(
     device: Annotated[str | None, typer.Option(help="only this device")] = None,

@@ -6,7 +6,8 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from eldercare.devices.credentials import verify_password
+from eldercare.devices.credentials import parse_password_file, verify_password
+from eldercare.gateway.broker import mqtt_connack
 from eldercare.gateway.cli import app
 
 runner = CliRunner()
@@ -93,3 +94,31 @@ def test_dead_letters_filters_by_device_and_reason(env: str) -> None:
     assert "spo2=300" in one.output and "pulse" not in one.output
     by_reason = runner.invoke(app, ["dead-letters", "--reason", "unknown_metric"], terminal_width=200)
     assert "pulse" in by_reason.output and "spo2=300" not in by_reason.output
+
+
+def test_passwd_file_lets_enabled_devices_and_the_gateway_into_a_real_broker(
+    env: str, project_mosquitto, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    broker = project_mosquitto
+    monkeypatch.setenv("ELDERCARE_MQTT_URL", broker.gateway.url)
+    on = runner.invoke(app, ["devices", "add", "w-on-1", "--type", "wristband"])
+    off = runner.invoke(app, ["devices", "add", "w-off-1", "--type", "wristband"])
+    pw_on = on.output.split("(shown once): ")[1].split()[0]
+    pw_off = off.output.split("(shown once): ")[1].split()[0]
+    runner.invoke(app, ["devices", "disable", "w-off-1"])
+
+    target = tmp_path / "passwd"
+    result = runner.invoke(app, ["devices", "passwd-file", str(target)])
+    assert result.exit_code == 0, result.output
+    assert (target.stat().st_mode & 0o777) == 0o600
+    assert pw_on not in target.read_text()
+
+    # Load the file's accounts into our broker; the disabled device is simply not there.
+    accounts = parse_password_file(target.read_text())
+    assert set(accounts) == {"w-on-1", broker.gateway.username}
+    for name, hashed in accounts.items():
+        broker.add_user_hash(name, hashed, reload=False)
+    broker.reload()
+    assert mqtt_connack(broker.host, broker.port, "w-on-1", pw_on) == 0
+    assert mqtt_connack(broker.host, broker.port, "w-off-1", pw_off) != 0
+    assert mqtt_connack(broker.host, broker.port, broker.gateway.username, broker.gateway.password) == 0
