@@ -91,8 +91,10 @@ class BenchOptions:
     #: Paced steps, messages/s: 3-metric telemetry, and hub messages (each with
     #: ``samples_per_message`` samples of 3 metrics).
     rates: tuple[float, ...] = (4_000, 6_000, 8_000, 10_000, 12_000, 14_000, 16_000, 20_000)
-    hub_rates: tuple[float, ...] = (50, 100, 150, 200, 300, 400)
+    hub_rates: tuple[float, ...] = (50, 100, 150, 200, 250, 300, 400)
     step_s: float = 20.0
+    #: Steps of the bare subscriber's ladder (a baseline: shorter is enough).
+    bare_step_s: float = 10.0
     #: A step passes if everything published is stored within this many seconds of its end.
     settle_s: float = 2.0
     #: Backlogs for the drain measurements (bare and worker), in messages.
@@ -425,6 +427,7 @@ def _bare_main(
     results: Any,
 ) -> None:
     """A bare subscriber process: QoS 1, persistent session, counts messages, nothing else."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it (stop event)
     received = 0
     first_at = last_at = 0.0
 
@@ -548,6 +551,8 @@ class WorkerSample:
     dead_letters: dict[str, float]
     #: Cumulative bucket counts of eldercare_ingest_lag_seconds: (upper bound, count).
     lag_buckets: tuple[tuple[float, float], ...]
+    #: Messages stored by each worker.
+    per_worker: tuple[int, ...] = ()
 
 
 def scrape(port: int) -> dict[str, Any]:
@@ -688,8 +693,10 @@ class Workers:
         stored = received = datapoints = 0.0
         dead: dict[str, float] = {}
         lag: dict[float, float] = {}
+        per_worker = []
         for port in self.ports:
             m = scrape(port)
+            per_worker.append(int(m.get("stored", 0.0)))
             stored += m.get("stored", 0.0)
             received += m.get("received", 0.0)
             datapoints += m.get("datapoints", 0.0)
@@ -705,6 +712,7 @@ class Workers:
             int(datapoints),
             dead,
             tuple(sorted(lag.items())),
+            tuple(per_worker),
         )
 
     def rss(self) -> int:
@@ -783,6 +791,9 @@ class CpuMeter:
         # Same unit as the groups: 100 = one core busy (all cores busy = 100 x cores).
         cores = os.cpu_count() or 1
         out["machine"] = 100.0 * cores * (busy1 - busy0) / total if total > 0 else 0.0
+        # Everything else busy meanwhile: other users' processes, PostgreSQL's background
+        # processes, the kernel. A large figure means the run was disturbed.
+        out["rest"] = max(0.0, out["machine"] - sum(v for k, v in out.items() if k != "machine"))
         return out
 
 
@@ -811,7 +822,7 @@ def _fmt_s(x: float | None) -> str:
 
 
 def _cpu_text(cpu: dict[str, float]) -> str:
-    keys = ("worker", "postgres", "broker", "publishers", "bare", "bench")
+    keys = ("worker", "postgres", "broker", "publishers", "bare", "bench", "rest")
     parts = [f"{k} {cpu[k]:.0f}%" for k in keys if k in cpu]
     if "machine" in cpu:
         parts.append(f"machine {cpu['machine']:.0f}% of {100 * (os.cpu_count() or 1)}%")
@@ -983,7 +994,8 @@ class VariantRun:
         first = sink.sample() if isinstance(sink, Workers) else None
         base = first.stored if first else count()
         mid: WorkerSample | None = None
-        run = PublisherRun(self.plan(rate, self.tag("s"), duration_s=self.o.step_s))
+        step_s = self.o.step_s if is_worker else min(self.o.step_s, self.o.bare_step_s)
+        run = PublisherRun(self.plan(rate, self.tag("s"), duration_s=step_s))
         groups: dict[str, Sequence[int]] = {
             "broker": [self.broker.pid],
             "publishers": run.pids(),
@@ -1009,10 +1021,10 @@ class VariantRun:
                     stored = (s.stored if s else count()) - base
                     published = run.published()
                     samples.append((now, published, stored))
-                    if s is not None and mid is None and now - t0 >= self.o.step_s / 2:
+                    if s is not None and mid is None and now - t0 >= step_s / 2:
                         mid = s
                     rss = max(rss, sink.rss() if isinstance(sink, Workers) else 0)
-                    live.update(Text(self._live_line(title, now - t0, samples, rss, meter)))
+                    live.update(Text(self._live_line(title, now - t0, step_s, samples, rss, meter)))
             report = run.wait()
             cpu = meter.read()
         if is_worker:
@@ -1079,6 +1091,7 @@ class VariantRun:
         self,
         title: str,
         elapsed: float,
+        step_s: float,
         samples: list[tuple[float, int, int]],
         rss: float,
         meter: CpuMeter,
@@ -1090,7 +1103,7 @@ class VariantRun:
                 pub_rate, stored_rate = (pb - pa) / (tb - ta), (sb - sa) / (tb - ta)
         published, stored = (samples[-1][1], samples[-1][2]) if samples else (0, 0)
         line = (
-            f"{title} | {elapsed:4.1f}/{self.o.step_s:.0f} s | published {pub_rate:,.0f}/s"
+            f"{title} | {elapsed:4.1f}/{step_s:.0f} s | published {pub_rate:,.0f}/s"
             f" | stored {stored_rate:,.0f}/s | backlog {max(0, published - stored):,}"
         )
         if rss:
@@ -1209,6 +1222,7 @@ class VariantRun:
             f"worker drain: {drain.drained:,}/{m:,} in {span:.2f} s = [bold]{drain.rate:,.0f} "
             f"msg/s[/] ({drain.rate * self.dp:,.0f} dp/s; {drain.seconds_from_start:.1f} s from "
             f"process start), RSS max {drain.rss_mib:,.0f} MiB | {_cpu_text(drain.cpu)}"
+            + (f" | per worker {', '.join(f'{n:,}' for n in s.per_worker)}" if len(s.per_worker) > 1 else "")
         )
         return drain
 

@@ -55,7 +55,12 @@ def run_roles(settings: Settings, roles: set[str], stop: threading.Event) -> Non
             from eldercare.gateway.ingest.worker import IngestWorker
 
             worker = IngestWorker(settings)
-            threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True).start()
+
+            def stop_worker_on_signal() -> None:
+                stop.wait()
+                worker.stop()
+
+            threading.Thread(target=stop_worker_on_signal, daemon=True).start()
             worker.run()
         else:
             stop.wait()

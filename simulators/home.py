@@ -126,7 +126,7 @@ class SimulatedHomes:
                 event = r.choice(["sos_pressed", "fall_detected", "fall_recovered", "wearable_removed"])
                 body = {"msg_id": msg_id, "ts": _now_ms(), "event": event, "confidence": 0.9}
                 return f"{base}/events", orjson.dumps(body)
-            metrics = {
+            metrics: dict[str, object] = {
                 "heart_rate": r.randint(58, 96),
                 "spo2": r.randint(93, 99),
                 "steps": r.randint(0, 8000),
@@ -169,12 +169,13 @@ class SimulatedHomes:
         kind = self.random.choice(["out_of_range", "unknown_metric", "malformed_json", "unknown_unit"])
         if kind == "malformed_json":
             return f"{base}/telemetry", b'{"msg_id": "' + msg_id.encode() + b'", "metrics": {'
-        metrics: dict[str, object] = {
+        faults: dict[str, dict[str, object]] = {
             "out_of_range": {"spo2": 140},
             "unknown_metric": {"pulse_wave": 3},
             "unknown_unit": {"heart_rate": {"value": 70, "unit": "bpm"}},
-        }[kind]
-        return f"{base}/telemetry", orjson.dumps({"msg_id": msg_id, "ts": _now_ms(), "metrics": metrics})
+        }
+        body = {"msg_id": msg_id, "ts": _now_ms(), "metrics": faults[kind]}
+        return f"{base}/telemetry", orjson.dumps(body)
 
 
 def _now_ms() -> int:

@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import queue
 import random
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -489,6 +490,8 @@ def _process_main(
     results: Any,
 ) -> None:
     """Entry point of one publisher process (spawned)."""
+    # Ctrl-C reaches the whole process group: the parent decides when to stop (stop event).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     rate = None if plan.rate is None else plan.rate / processes
     count = None if plan.count is None else _share(plan.count, index, processes)
     empty = ProcessReport(index, rate, 0, 0, 0.0, 0.0, ())

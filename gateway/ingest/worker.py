@@ -31,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from eldercare.alerts.ruleset import NoRules, RuleSet
 from eldercare.devices.catalog import load_catalog
@@ -92,6 +93,10 @@ class IngestWorker:
         self.queue: queue.Queue[Received] = queue.Queue(maxsize=settings.queue_size)
         self.writer = BatchWriter(store_flavour(settings.database_url), rules or NoRules())
         self.feed = RegistryFeed(settings.database_url)
+        # The writer's connections; the registry feed keeps its own (LISTEN needs one for good).
+        self.pool = ConnectionPool(
+            settings.database_url, min_size=1, max_size=2, open=False, name="ingest-writer"
+        )
         self.client_id = default_client_id(settings)
         self._stopping = threading.Event()
         self._generation = 0
@@ -160,8 +165,9 @@ class IngestWorker:
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
         now = self.clock()
-        interp = interpret(msg.topic, msg.payload, now, self.feed.current, self.policy, msg.retain)
-        item = Received(msg.topic, msg.payload, now, interp, msg.mid, msg.qos, self._generation, msg.retain)
+        payload = bytes(msg.payload)  # paho hands over bytes already: no copy then
+        interp = interpret(msg.topic, payload, now, self.feed.current, self.policy, msg.retain)
+        item = Received(msg.topic, payload, now, interp, msg.mid, msg.qos, self._generation, msg.retain)
         while True:
             try:
                 self.queue.put(item, timeout=0.5)
@@ -192,13 +198,13 @@ class IngestWorker:
             "ingest worker started",
             extra={"client_id": self.client_id, "flavour": self.writer.flavour},
         )
-        conn = self._connect_db()
+        self.pool.open(wait=False)
         last_stats = time.monotonic()
         try:
             while not self._stopping.is_set() or not self.queue.empty():
                 batch = self._next_batch()
-                if batch:
-                    conn = self._commit_and_ack(conn, batch)
+                if batch and not self._commit_and_ack(batch):
+                    break  # stopping while the store is unreachable: the broker keeps them
                 if time.monotonic() - last_stats >= STATS_EVERY_S:
                     self._log_stats()
                     last_stats = time.monotonic()
@@ -206,23 +212,13 @@ class IngestWorker:
             self._client.disconnect()
             self._client.loop_stop()
             self.feed.stop()
-            conn.close()
+            self.pool.close()
             self._log_stats()
             log.info("ingest worker stopped")
 
     def stop(self) -> None:
         """Ask ``run`` to finish: stop taking messages, commit and ack what it holds."""
         self._stopping.set()
-
-    def _connect_db(self) -> psycopg.Connection:
-        delay = 0.5
-        while True:
-            try:
-                return psycopg.connect(self.settings.database_url)
-            except psycopg.OperationalError as exc:
-                log.warning("database unreachable, retrying", extra={"error": str(exc).splitlines()[0]})
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
 
     def _next_batch(self) -> list[Received]:
         """Gather up to batch_size messages, waiting at most the max delay for the first's batch."""
@@ -271,17 +267,19 @@ class IngestWorker:
                 item.topic, item.payload, item.received_at, registry, self.policy, item.retained
             )
 
-    def _commit_and_ack(self, conn: psycopg.Connection, batch: list[Received]) -> psycopg.Connection:
+    def _commit_and_ack(self, batch: list[Received]) -> bool:
+        """Write the batch (retrying until it commits), then ack it; False if given up on stop."""
         delay = 0.5
         while True:
             started = time.perf_counter()
             try:
-                self._recheck_unknown(conn, batch)
-                result = self.writer.write(conn, batch)
+                with self.pool.connection(timeout=10.0) as conn:
+                    self._recheck_unknown(conn, batch)
+                    result = self.writer.write(conn, batch)
                 break
             except Exception as exc:  # connection trouble, or worse: retry, never ack early
                 metrics.BATCH_FAILURES.inc()
-                if not isinstance(exc, psycopg.OperationalError):
+                if not isinstance(exc, psycopg.OperationalError | PoolTimeout):
                     log.exception("batch failed unexpectedly, retrying")
                 log.warning(
                     "batch not committed, retrying",
@@ -290,16 +288,17 @@ class IngestWorker:
                         "messages": len(batch),
                     },
                 )
-                conn.close()
+                if self._stopping.is_set():
+                    log.warning("stopping with uncommitted messages; the broker redelivers them")
+                    return False
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-                conn = self._connect_db()
         committed = self.clock()
         metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
         metrics.BATCH_SIZE.observe(len(batch))
         self._ack(batch)
         self._record(result, batch, committed)
-        return conn
+        return True
 
     def _ack(self, batch: list[Received]) -> None:
         generation = self._generation

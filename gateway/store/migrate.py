@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -201,14 +200,9 @@ def sync_metrics(conn: psycopg.Connection) -> int:
 
     Metrics dropped from the catalog stay in the table: old observations still refer to them.
     """
-    try:
-        from eldercare.devices.catalog import load_catalog
-    except ImportError:
-        return 0
-    catalog = load_catalog()
-    metrics: Iterable = getattr(catalog, "metrics", catalog)
-    if hasattr(metrics, "values"):
-        metrics = metrics.values()
+    from eldercare.devices.catalog import load_catalog
+
+    metrics = load_catalog().metrics.values()
     rows = [(m.name, m.unit, m.loinc, float(m.low), float(m.high)) for m in metrics]
     exists = conn.execute("SELECT to_regclass('metrics') IS NOT NULL").fetchone()
     if not rows or not (exists and exists[0]):

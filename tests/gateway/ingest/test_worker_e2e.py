@@ -8,8 +8,9 @@ import urllib.request
 import psycopg
 import pytest
 
-from eldercare.gateway.broker import free_port
+from eldercare.gateway.broker import ProjectBroker, free_port
 from eldercare.gateway.store.devices import set_enabled
+from tests.gateway.ingest.conftest import IngestSetup
 from tests.gateway.ingest.processes import Publisher, scalar
 from tests.waiting import never, wait_for
 
@@ -218,3 +219,49 @@ def _scrape(port: int) -> str:
     except OSError:
         return ""
     return text if 'reason="unknown_metric"' in text else ""
+
+
+def test_pure_python_fallback_broker_without_mqtt5_or_shared_subscriptions(db_url, tmp_path) -> None:
+    """Where no mosquitto is installed the demo runs iotcore: MQTT 3.1.1, plain subscription."""
+    pytest.importorskip("iotcore", reason="iotcore (the embedded fallback broker) is not installed")
+    broker = ProjectBroker(tmp_path / "iot", backend="iotcore").start()
+    setup = IngestSetup(db_url, broker, tmp_path)
+    try:
+        worker = setup.worker().start()
+        assert worker.env["ELDERCARE_MQTT_PROTOCOL"] == "3.1.1"
+        [dev] = setup.devices(1)
+        probes = setup.wait_until_subscribed(worker, dev)
+        for k in range(50):
+            dev.publish(
+                "telemetry", {"msg_id": f"iot-{k}", "ts": int(time.time() * 1000), "metrics": {"steps": k}}
+            )
+        # iotcore may re-send messages it already had acked: dedup keeps them single.
+        wait_for(lambda: stored_messages(db_url) == probes + 50, 30, "all 50 stored")
+        assert scalar(db_url, "SELECT count(*) FROM observations WHERE metric = 'steps'") == 50
+        assert worker.stop() == 0
+    finally:
+        setup.close()
+        broker.stop()
+
+
+def test_store_connections_killed_mid_stream_lose_nothing(ingest) -> None:
+    """The database drops the worker's connections; batches are retried, not acked early."""
+    n = 3_000
+    worker = ingest.worker().start()
+    devices = ingest.devices(5)
+    probe = ingest.wait_until_subscribed(worker, devices[0])
+    publisher = Publisher(devices, n, rate=1_500)
+    publisher.start()
+    database = ingest.db_url.rsplit("/", 1)[1].split("?")[0]
+    for _ in range(3):
+        time.sleep(0.4)
+        scalar(
+            ingest.db_url,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            f" WHERE datname = '{database}' AND pid <> pg_backend_pid()",
+        )
+    publisher.wait_all_acked(60)
+    wait_for(lambda: stored_messages(ingest.db_url) >= n + probe, 60, "every message stored")
+    assert worker.stop() == 0
+    assert_each_message_once(ingest.db_url, n, probe)
+    assert "batch not committed, retrying" in worker.log()
