@@ -34,9 +34,9 @@ def _maintenance_job(settings: Settings) -> None:
 
 def run_roles(settings: Settings, roles: set[str], stop: threading.Event) -> None:
     """Start the named roles ('ingest', 'maintenance'); return once ``stop`` is set."""
-    metrics.serve_metrics(settings.metrics_port)
+    metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     if settings.metrics_port:
-        log.info("metrics at http://127.0.0.1:%d/metrics", settings.metrics_port)
+        log.info("metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
     scheduler = None
     if "maintenance" in roles:
         scheduler = BackgroundScheduler(timezone="UTC")

@@ -26,6 +26,7 @@ Settings (environment variables, or a .env file in the working folder):
   ELDERCARE_BATCH_MAX_DELAY_MS  longest a message waits for its batch (default 50)
   ELDERCARE_QUEUE_SIZE          in-memory bound of received, uncommitted messages (default 2000)
   ELDERCARE_METRICS_PORT        Prometheus /metrics port (default 9464; 0: off)
+  ELDERCARE_METRICS_HOST        address /metrics listens on (default 127.0.0.1)
   ELDERCARE_LOG_LEVEL           DEBUG, INFO, WARNING, ERROR (default INFO)
   ELDERCARE_LOG_FORMAT          json (default) or console
   ELDERCARE_BUFFER_HORIZON_DAYS readings older than this are rejected too_old (default 30)
@@ -71,6 +72,7 @@ class Settings(BaseSettings):
     batch_max_delay_ms: int = Field(50, ge=0, le=60_000)
     queue_size: int = Field(2_000, ge=10)
     metrics_port: int = Field(9464, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     buffer_horizon_days: int = Field(30, ge=1)

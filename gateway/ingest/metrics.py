@@ -55,7 +55,7 @@ QUEUE_DEPTH = Gauge("eldercare_ingest_queue_depth", "Received messages not yet c
 BATCH_FAILURES = Counter("eldercare_ingest_batch_failures", "Batches whose transaction failed")
 
 
-def serve_metrics(port: int) -> None:
-    """Expose /metrics on ``port`` (0: don't)."""
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    """Expose /metrics on ``host:port`` (port 0: don't)."""
     if port:
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr=host)
