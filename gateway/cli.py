@@ -17,17 +17,19 @@ from rich.table import Table
 from eldercare.gateway.settings import SETTINGS_HELP, Settings, SettingsError, load_settings
 
 console = Console(stderr=True, soft_wrap=True)
+# "\b" keeps click from re-flowing the table of settings.
+EPILOG = "\b\n" + SETTINGS_HELP
 out = Console()
 
 app = typer.Typer(
     name="eldercare",
     help="eldercare-gateway: smart-eldercare IoT ingestion and alert routing.",
-    epilog=SETTINGS_HELP.replace("\n", "\n\n"),
+    epilog=EPILOG,
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-devices_app = typer.Typer(help="Register, list and disable devices.", no_args_is_help=True)
+devices_app = typer.Typer(help="Register, list and disable devices.", no_args_is_help=True, epilog=EPILOG)
 bench_app = typer.Typer(help="Benchmarks that print figures (not tests).", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 app.add_typer(bench_app, name="bench")
@@ -63,7 +65,7 @@ def database_url(s: Settings) -> str:
     raise typer.Exit(2)
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def migrate() -> None:
     """Apply pending schema migrations (idempotent; safe when several processes start at once)."""
     from eldercare.gateway.store.migrate import migrate as apply
@@ -77,7 +79,7 @@ def migrate() -> None:
         out.print("the store is up to date")
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def serve(
     role: Annotated[
         list[Role] | None,
@@ -222,7 +224,7 @@ def devices_passwd_file(
     out.print(f"wrote {len(entries)} account(s) to {path}; now send the broker SIGHUP")
 
 
-@app.command("dead-letters")
+@app.command("dead-letters", epilog=EPILOG)
 def dead_letters(
     device: Annotated[str | None, typer.Option(help="only this device")] = None,
     reason: Annotated[str | None, typer.Option(help="only this reason, e.g. out_of_range")] = None,
@@ -279,7 +281,7 @@ bench_app.registered_commands[-1].context_settings = {
 }
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def demo(
     homes: Annotated[int, typer.Option(help="simulated homes (wristband, BP monitor, hub + bed sensor)")] = 3,
     rate: Annotated[float, typer.Option(help="messages per second, all devices together")] = 5.0,

@@ -12,7 +12,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 #: Shown by ``eldercare --help``: each setting, its variable and its default.
 SETTINGS_HELP = """\
 Settings (environment variables, or a .env file in the working folder):
-
   ELDERCARE_DATABASE_URL        postgresql://... of the store (empty: embedded PostgreSQL
                                 in ELDERCARE_DATA_DIR, for the demo)
   ELDERCARE_MQTT_URL            mqtt://user:pass@host:1883 or mqtts://... (empty: embedded

@@ -16,14 +16,17 @@ packet id may have been reused): the broker redelivers it and dedup drops the co
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import queue
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
-from itertools import count
+from pathlib import Path
+from typing import IO
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -48,7 +51,7 @@ log = logging.getLogger(__name__)
 #: Rejections that a registration made a moment ago could turn into acceptance.
 REGISTRY_REASONS = frozenset({UNKNOWN_DEVICE, NOT_ATTACHED_TO_HUB})
 STATS_EVERY_S = 30.0
-_instance = count(1)
+_slot_locks: list[IO[str]] = []  # open for the life of the process: they hold the slots
 
 
 def subscriptions(settings: Settings) -> list[str]:
@@ -63,10 +66,28 @@ def subscriptions(settings: Settings) -> list[str]:
 
 
 def default_client_id(settings: Settings) -> str:
-    """A stable client id per host and worker slot, so a restart resumes its session."""
+    """A client id that is stable across restarts and unique among this host's workers.
+
+    Stability matters: a persistent session is found again only under the same id, and
+    Mosquitto keeps handing an offline member of a shared group its share of the messages
+    until that session expires. So the n-th worker on a host is always ``...-<host>-<n>``:
+    each running worker holds a lock on its slot, and a restarted one takes the lowest free.
+    """
     if settings.mqtt_client_id:
         return settings.mqtt_client_id
-    return f"eldercare-ingest-{socket.gethostname()}-{next(_instance)}"
+    host = socket.gethostname()
+    folder = Path(tempfile.gettempdir()) / "eldercare-ingest-slots"
+    folder.mkdir(exist_ok=True)
+    for slot in range(1, 257):
+        handle = open(folder / f"{host}-{slot}.lock", "w")  # noqa: SIM115 - held for life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _slot_locks.append(handle)
+        return f"eldercare-ingest-{host}-{slot}"
+    raise RuntimeError("more than 256 ingest workers on one host: set ELDERCARE_MQTT_CLIENT_ID")
 
 
 def store_flavour(conninfo: str) -> str:

@@ -1,0 +1,42 @@
+"""Worker client ids: stable across restarts, unique among the workers of one host."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from eldercare.gateway.ingest.worker import default_client_id
+from eldercare.gateway.settings import Settings
+
+CLAIM = (
+    "import sys, time; from eldercare.gateway.ingest.worker import default_client_id;"
+    "from eldercare.gateway.settings import Settings;"
+    "print(default_client_id(Settings()), flush=True); sys.stdin.read()"
+)
+
+
+def claim_in_child() -> tuple[subprocess.Popen, str]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CLAIM], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    return child, child.stdout.readline().strip()
+
+
+def test_configured_client_id_wins() -> None:
+    assert default_client_id(Settings(mqtt_client_id="ingest-a")) == "ingest-a"
+
+
+def test_concurrent_workers_get_distinct_ids_and_a_restart_gets_its_slot_back() -> None:
+    first, id1 = claim_in_child()
+    second, id2 = claim_in_child()
+    try:
+        assert id1 != id2 and id1.startswith("eldercare-ingest-")
+        first.communicate("")  # the first worker exits, its slot is free again
+        again, id3 = claim_in_child()
+        again.communicate("")
+        assert id3 == id1
+    finally:
+        for child in (first, second):
+            if child.poll() is None:
+                child.communicate("")
