@@ -150,9 +150,9 @@ class BatchWriter:
             statuses: dict[str, tuple] = {}
             in_batch: set[tuple[str, str]] = set()
 
+            day = _utc(batch[-1].received_at).date()  # counts go to the batch's (UTC) day
             for msg in batch:
                 it = msg.interp
-                day = _utc(msg.received_at).date()
                 key = (it.source_id, it.msg_id) if it.source_id and it.msg_id else None
                 if key is not None and it.accepted:
                     if key not in fresh or key in in_batch:
