@@ -75,6 +75,9 @@ LAG_GROWTH_SLACK_S = 0.1
 BACKLOG_WAIT_S = 60.0
 NO_PROGRESS_S = 10.0
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+#: The Foundation issue's targets for 3-metric telemetry on the 2-core machine.
+TARGET_DATAPOINTS_S = 60_000.0
+TARGET_DRAIN_RATIO = 0.6
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,7 @@ class BenchOptions:
     #: Paced steps, messages/s: 3-metric telemetry, and hub messages (each with
     #: ``samples_per_message`` samples of 3 metrics).
     rates: tuple[float, ...] = (4_000, 6_000, 8_000, 10_000, 12_000, 14_000, 16_000, 20_000)
-    hub_rates: tuple[float, ...] = (50, 100, 150, 200, 250, 300, 400)
+    hub_rates: tuple[float, ...] = (50, 100, 150, 200, 250, 300, 400, 500, 600)
     step_s: float = 20.0
     #: Steps of the bare subscriber's ladder (a baseline: shorter is enough).
     bare_step_s: float = 10.0
@@ -185,6 +188,10 @@ class StepResult:
     cpu: dict[str, float]
     verdict: str
     passed: bool
+    #: Workers only: mean messages per committed batch, write+commit time p50 / p99.
+    batch_mean: float | None = None
+    commit_p50_s: float | None = None
+    commit_p99_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +207,10 @@ class DrainResult:
     seconds_from_start: float | None = None
     #: CPU during the drain, % of one core per process group (see CpuMeter).
     cpu: dict[str, float] = field(default_factory=dict)
+    #: Workers only: mean messages per committed batch, write+commit time p50 / p99.
+    batch_mean: float | None = None
+    commit_p50_s: float | None = None
+    commit_p99_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -431,17 +442,17 @@ def _bare_main(
     received = 0
     first_at = last_at = 0.0
 
-    def on_message(client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
+    def on_message(client, userdata, msg) -> None:
         nonlocal received, first_at, last_at
         last_at = time.time()
         if not received:
             first_at = last_at
         received += 1
 
-    def on_connect(client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+    def on_connect(client, userdata, flags, reason_code, properties) -> None:
         client.subscribe(topic, qos=1)
 
-    def on_subscribe(client, userdata, mid, reason_codes, properties) -> None:  # type: ignore[no-untyped-def]
+    def on_subscribe(client, userdata, mid, reason_codes, properties) -> None:
         ready[index] = 1
 
     client = _client(client_id, protocol, clean=False)
@@ -553,17 +564,31 @@ class WorkerSample:
     lag_buckets: tuple[tuple[float, float], ...]
     #: Messages stored by each worker.
     per_worker: tuple[int, ...] = ()
+    #: Cumulative buckets of eldercare_ingest_commit_seconds (write + COMMIT of one batch).
+    commit_buckets: tuple[tuple[float, float], ...] = ()
+    #: Batches committed, and the messages in them.
+    batches: int = 0
+    batched: int = 0
+
+    def batch_stats(self, before: WorkerSample) -> tuple[float | None, float | None, float | None]:
+        """Mean batch size, commit p50 and p99 since ``before``."""
+        n = self.batches - before.batches
+        mean = (self.batched - before.batched) / n if n else None
+        delta = bucket_delta(self.commit_buckets, before.commit_buckets)
+        return mean, histogram_quantile(0.5, delta), histogram_quantile(0.99, delta)
 
 
 def scrape(port: int) -> dict[str, Any]:
     """The ingest metrics one worker exposes on ``port``."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         text = resp.read().decode()
-    out: dict[str, Any] = {"dead_letters": {}, "lag": {}}
+    out: dict[str, Any] = {"dead_letters": {}, "lag": {}, "commit": {}}
     names = {
         "eldercare_ingest_messages_stored_total": "stored",
         "eldercare_ingest_messages_received_total": "received",
         "eldercare_ingest_datapoints_stored_total": "datapoints",
+        "eldercare_ingest_batch_size_count": "batches",
+        "eldercare_ingest_batch_size_sum": "batched",
     }
     for family in text_string_to_metric_families(text):
         if not family.name.startswith("eldercare_ingest"):
@@ -575,6 +600,8 @@ def scrape(port: int) -> dict[str, Any]:
                 out["dead_letters"][s.labels.get("reason", "?")] = s.value
             elif s.name == "eldercare_ingest_lag_seconds_bucket":
                 out["lag"][float(s.labels["le"])] = s.value
+            elif s.name == "eldercare_ingest_commit_seconds_bucket":
+                out["commit"][float(s.labels["le"])] = s.value
     return out
 
 
@@ -693,10 +720,16 @@ class Workers:
         stored = received = datapoints = 0.0
         dead: dict[str, float] = {}
         lag: dict[float, float] = {}
+        commit: dict[float, float] = {}
+        batches = batched = 0.0
         per_worker = []
         for port in self.ports:
             m = scrape(port)
             per_worker.append(int(m.get("stored", 0.0)))
+            batches += m.get("batches", 0.0)
+            batched += m.get("batched", 0.0)
+            for le, v in m["commit"].items():
+                commit[le] = commit.get(le, 0.0) + v
             stored += m.get("stored", 0.0)
             received += m.get("received", 0.0)
             datapoints += m.get("datapoints", 0.0)
@@ -713,6 +746,9 @@ class Workers:
             dead,
             tuple(sorted(lag.items())),
             tuple(per_worker),
+            tuple(sorted(commit.items())),
+            int(batches),
+            int(batched),
         )
 
     def rss(self) -> int:
@@ -779,7 +815,9 @@ class CpuMeter:
 
     def read(self) -> dict[str, float]:
         """% of one core per group since start, and 'machine' (all processes, same unit)."""
-        dt = max(1e-6, time.monotonic() - self._t0)
+        dt = time.monotonic() - self._t0
+        if dt < 0.25:
+            return {}  # too short to mean anything
         out = {
             name: 100.0 * sum(self._cpu(p) - self._base[p.pid] for p in ps) / dt
             for name, ps in self._procs.items()
@@ -823,10 +861,21 @@ def _fmt_s(x: float | None) -> str:
 
 def _cpu_text(cpu: dict[str, float]) -> str:
     keys = ("worker", "postgres", "broker", "publishers", "bare", "bench", "rest")
+    if not cpu:
+        return "CPU: too short to measure"
     parts = [f"{k} {cpu[k]:.0f}%" for k in keys if k in cpu]
     if "machine" in cpu:
         parts.append(f"machine {cpu['machine']:.0f}% of {100 * (os.cpu_count() or 1)}%")
     return "CPU " + ", ".join(parts)
+
+
+def _batch_text(r: StepResult | DrainResult) -> str:
+    if r.batch_mean is None:
+        return ""
+    return (
+        f", batches of {r.batch_mean:,.0f} msgs committed in p50/p99 "
+        f"{_fmt_s(r.commit_p50_s)}/{_fmt_s(r.commit_p99_s)}"
+    )
 
 
 class VariantRun:
@@ -898,7 +947,8 @@ class VariantRun:
         receipts = _count(self.db_url, "SELECT count(*) FROM message_receipts") - receipts0
         obs = _count(self.db_url, "SELECT count(*) FROM observations") - obs0
         with psycopg.connect(self.db_url) as conn:
-            dead = dict(conn.execute("SELECT reason, count(*) FROM dead_letters GROUP BY reason").fetchall())
+            rows = conn.execute("SELECT reason, count(*) FROM dead_letters GROUP BY reason").fetchall()
+        dead: dict[str, int] = {str(r[0]): int(r[1]) for r in rows}
         if dead:
             self.notes.append(f"dead letters in the bench database: {dead}")
         expected = self.worker_published
@@ -918,7 +968,7 @@ class VariantRun:
             receipts_found=receipts,
             observations_expected=expected * self.dp,
             observations_found=obs,
-            dead_letters={str(k): int(v) for k, v in dead.items()},
+            dead_letters=dead,
             notes=tuple(self.notes),
         )
 
@@ -977,6 +1027,14 @@ class VariantRun:
     def ladder(self, who: str, sink: Workers | BareSubscribers) -> list[StepResult]:
         steps: list[StepResult] = []
         rates = self.o.ladder(self.variant)
+        if who == "bare" and len(rates) > 1:
+            # The bare subscriber is the baseline: if it keeps up with the top rate, that is
+            # all there is to know; otherwise find its limit from the bottom.
+            top = self.step(who, sink, rates[-1], "top")
+            steps.append(top)
+            if top.passed:
+                return steps
+            rates = rates[:-1]
         for i, rate in enumerate(rates, 1):
             step = self.step(who, sink, rate, f"{i}/{len(rates)}")
             steps.append(step)
@@ -1067,6 +1125,11 @@ class VariantRun:
                 ):
                     passed = False
                     verdict = f"lag growing (p99 {_fmt_s(lag99a)} → {_fmt_s(lag99b)})"
+        if first is not None and final is not None:
+            dead = sum(final.dead_letters.values()) - sum(first.dead_letters.values())
+            if dead > 0:  # the bench's messages are all valid: a rejection is a fault
+                passed = False
+                verdict = f"{verdict}; {dead:,.0f} items dead-lettered"
         stored_rate = self._stored_rate(samples, report)
         result = StepResult(
             target_rate=rate,
@@ -1084,6 +1147,9 @@ class VariantRun:
             verdict=verdict,
             passed=passed,
         )
+        if first is not None and final is not None:
+            mean, p50, p99 = final.batch_stats(first)
+            result = replace(result, batch_mean=mean, commit_p50_s=p50, commit_p99_s=p99)
         self._print_step(who, label, result)
         return result
 
@@ -1167,7 +1233,8 @@ class VariantRun:
         self.say(
             f"{who} step {label} {mark} target {s.target_rate:,.0f}: published "
             f"{s.published:,} at {s.publish_rate:,.0f}/s{dp}, stored {s.stored:,} "
-            f"(during the step {s.stored_rate:,.0f}/s){lag}{rss} | {_cpu_text(s.cpu)} | {s.verdict}"
+            f"(during the step {s.stored_rate:,.0f}/s){lag}{rss}{_batch_text(s)} | "
+            f"{_cpu_text(s.cpu)} | {s.verdict}"
         )
 
     def worker_drain(self, workers: Workers) -> DrainResult:
@@ -1184,6 +1251,7 @@ class VariantRun:
         deadline = time.monotonic() + max(120.0, m / 500.0)
         last, last_change = 0, time.monotonic()
         meter: CpuMeter | None = None
+        zero = workers.sample()
         with Live(Text(""), console=self.console, transient=True, refresh_per_second=4) as live:
             while True:
                 s = workers.sample()
@@ -1217,11 +1285,13 @@ class VariantRun:
             workers.max_rss / 2**20,
             done - started,
             meter.read() if meter else {},
+            *s.batch_stats(zero),
         )
         self.say(
             f"worker drain: {drain.drained:,}/{m:,} in {span:.2f} s = [bold]{drain.rate:,.0f} "
             f"msg/s[/] ({drain.rate * self.dp:,.0f} dp/s; {drain.seconds_from_start:.1f} s from "
-            f"process start), RSS max {drain.rss_mib:,.0f} MiB | {_cpu_text(drain.cpu)}"
+            f"process start), RSS max {drain.rss_mib:,.0f} MiB{_batch_text(drain)} | "
+            f"{_cpu_text(drain.cpu)}"
             + (f" | per worker {', '.join(f'{n:,}' for n in s.per_worker)}" if len(s.per_worker) > 1 else "")
         )
         return drain
@@ -1343,6 +1413,7 @@ def machine_info(db_url: str | None = None) -> dict[str, str]:
         "psycopg": _version("psycopg"),
         "mosquitto": mosquitto_version(),
         "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "code": code_version(),
     }
     if db_url:
         with contextlib.suppress(psycopg.Error), psycopg.connect(db_url) as conn:
@@ -1351,6 +1422,27 @@ def machine_info(db_url: str | None = None) -> dict[str, str]:
             flav = conn.execute("SELECT value FROM store_info WHERE key = 'flavour'").fetchone()
             info["store_flavour"] = str(flav[0]) if flav else "?"
     return info
+
+
+def code_version() -> str:
+    """The git commit of the code measured (``+changes`` when the work tree differs)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    if head.returncode:
+        return "?"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _version(dist: str) -> str:
@@ -1436,7 +1528,22 @@ def print_summary(console: Console, result: BenchResult) -> None:
     def sus(v: VariantResult) -> StepResult | None:
         return v.sustained
 
-    row("sustained, zero loss: msg/s", lambda v: _fmt_rate(s.publish_rate) if (s := sus(v)) else "none")
+    def limited(v: VariantResult) -> str:
+        s = sus(v)
+        return " (publisher-limited)" if s and s.verdict.startswith("publisher-limited") else ""
+
+    def bare_paced(v: VariantResult) -> tuple[float, str] | None:
+        """The bare subscriber's best paced rate; '≥' when it kept up with the top step."""
+        b = v.bare_sustained
+        if b is None:
+            return None
+        at_top = b.target_rate >= max(o.ladder(v.variant))
+        return b.publish_rate, ("≥ " if at_top else "")
+
+    row(
+        "sustained, zero loss: msg/s",
+        lambda v: f"{_fmt_rate(s.publish_rate)}{limited(v)}" if (s := sus(v)) else "none",
+    )
     row(
         "sustained: data points/s",
         lambda v: _fmt_rate(s.publish_rate * v.datapoints_per_message) if (s := sus(v)) else "—",
@@ -1448,16 +1555,31 @@ def print_summary(console: Console, result: BenchResult) -> None:
     row("  first failure", lambda v: next((s.verdict for s in v.worker_steps if not s.passed), "none"))
     row("publish→commit p50", lambda v: _fmt_s(s.lag_p50_s) if (s := sus(v)) else "—")
     row("publish→commit p99", lambda v: _fmt_s(s.lag_p99_s) if (s := sus(v)) else "—")
-    row("worker RSS (max in step)", lambda v: f"{s.rss_mib:,.0f} MiB" if (s := sus(v)) else "—")
-    row("worker CPU (one core = 100%)", lambda v: f"{s.cpu.get('worker', 0):.0f}%" if (s := sus(v)) else "—")
+    all_workers = " (all workers)" if o.workers > 1 else ""
+    row(
+        f"worker RSS{all_workers}, max in step",
+        lambda v: f"{s.rss_mib:,.0f} MiB" if (s := sus(v)) else "—",
+    )
+    row(
+        f"worker CPU{all_workers} (100% = one core)",
+        lambda v: f"{s.cpu.get('worker', 0):.0f}%" if (s := sus(v)) else "—",
+    )
+    row(
+        "  whole machine in that step",
+        lambda v: (
+            f"{s.cpu.get('machine', 0):.0f}% of {100 * (os.cpu_count() or 1)}%" if (s := sus(v)) else "—"
+        ),
+    )
     row(
         "bare subscriber, paced: msg/s",
-        lambda v: _fmt_rate(b.publish_rate) if (b := v.bare_sustained) else "—",
+        lambda v: f"{b[1]}{_fmt_rate(b[0])}" if (b := bare_paced(v)) else "—",
     )
     row(
         "worker / bare, paced",
         lambda v: (
-            f"{s.publish_rate / b.publish_rate:.2f}" if (s := sus(v)) and (b := v.bare_sustained) else "—"
+            f"{'≤ ' if b[1] else ''}{s.publish_rate / b[0]:.2f}"
+            if (s := sus(v)) and (b := bare_paced(v))
+            else "—"
         ),
     )
     row("bare drain: msg/s", lambda v: _fmt_rate(v.bare_drain.rate) if v.bare_drain else "—")
@@ -1477,6 +1599,25 @@ def print_summary(console: Console, result: BenchResult) -> None:
     )
     console.print(table)
     for v in result.variants:
+        if v.variant != "telemetry":
+            continue
+        dps = (v.sustained.publish_rate * v.datapoints_per_message) if v.sustained else 0.0
+        ratio = v.drain_ratio
+        met_dps = dps >= TARGET_DATAPOINTS_S
+        met_ratio = ratio is not None and ratio >= TARGET_DRAIN_RATIO
+        if v.worker_steps and all(st.passed for st in v.worker_steps) and not met_dps:
+            console.print(
+                "[yellow]the worker passed every step of the ladder: its limit is higher than "
+                "this run shows (add higher --rates)[/]"
+            )
+        console.print(
+            f"target (issue 3): ≥ {TARGET_DATAPOINTS_S:,.0f} data points/s sustained for 3-metric "
+            f"messages — {'[green]met[/]' if met_dps else '[red]missed[/]'} ({dps:,.0f}); "
+            f"worker ≥ {TARGET_DRAIN_RATIO} × bare drain — "
+            f"{'[green]met[/]' if met_ratio else '[red]missed[/]'} "
+            f"({'—' if ratio is None else f'{ratio:.2f}'})"
+        )
+    for v in result.variants:
         for note in v.notes:
             console.print(f"[yellow]{v.variant}:[/] {note}")
     for note in result.notes:
@@ -1486,6 +1627,7 @@ def print_summary(console: Console, result: BenchResult) -> None:
         f"machine: {m.get('cpus')} × {m.get('cpu_model')}, {m.get('ram_gib')} GiB RAM, "
         f"PostgreSQL {m.get('postgresql', '?')} ({m.get('store_flavour', '?')}), "
         f"{m.get('mosquitto')}, paho-mqtt {m.get('paho_mqtt')}, Python {m.get('python')}; "
+        f"code {m.get('code')}; load average at start {m.get('load_average')}; "
         f"run took {result.seconds:.0f} s"
     )
 

@@ -104,6 +104,10 @@ class PublishPlan:
     qos: int = 1
     #: Seconds to wait, after the last publish, for the broker's PUBACKs.
     ack_timeout_s: float = 30.0
+    #: Per-device accounts, ``(publisher_id, mqtt://id:password@host:port)``: each device (or
+    #: hub) then connects as itself, as the project's ACL requires (``client_id = username =
+    #: id``). For small fleets (the demo); without them every process uses ``mqtt_url``.
+    device_urls: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -398,6 +402,8 @@ class _Payloads:
         self.tag = f"{tag}-p{index}-".encode()
         ids = fleet.publisher_ids()
         mine = range(index, len(ids), processes)
+        #: This process's publisher ids, in slot order.
+        self.ids = [ids[i] for i in mine]
         self.topics = [fleet.topic(ids[i]) for i in mine]
         self.subs = [fleet.sub_ids(i) for i in mine] if fleet.variant == "hub" else []
         self.steps = [0] * (len(self.topics) * max(1, fleet.subs_per_hub))
@@ -407,14 +413,14 @@ class _Payloads:
     def __bool__(self) -> bool:
         return bool(self.topics)
 
-    def next(self, now_ms: int) -> tuple[str, bytes]:
-        """The next message: (topic, payload)."""
+    def next(self, now_ms: int) -> tuple[int, str, bytes]:
+        """The next message: (slot of its publisher id, topic, payload)."""
         seq = self.seq
         self.seq = seq + 1
         n = len(self.topics)
         slot = seq % n
         if self.fleet.variant == "hub":
-            return self.topics[slot], self._hub(seq, slot, seq // n, now_ms)
+            return slot, self.topics[slot], self._hub(seq, slot, seq // n, now_ms)
         steps = self.steps[slot] + self.step_inc[seq % 269]
         self.steps[slot] = steps
         payload = b'{"msg_id":"%s%d","ts":%d,"metrics":{"heart_rate":%d,"spo2":%d,"steps":%d}}' % (
@@ -425,7 +431,7 @@ class _Payloads:
             self.spo2[(seq + slot) % 263],
             steps,
         )
-        return self.topics[slot], payload
+        return slot, self.topics[slot], payload
 
     def _hub(self, seq: int, slot: int, round_: int, now_ms: int) -> bytes:
         subs = self.subs[slot]
@@ -455,11 +461,11 @@ class _Payloads:
         )
 
 
-def _connect(plan: PublishPlan, index: int) -> mqtt.Client:
-    target = MqttTarget(plan.mqtt_url)
+def _connect(url: str, client_id: str) -> mqtt.Client:
+    target = MqttTarget(url)
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
-        client_id=f"eldercare-pub-{plan.tag}-{index}-{os.getpid()}",
+        client_id=client_id,
         protocol=mqtt.MQTTv311,
         clean_session=True,
     )
@@ -495,20 +501,30 @@ def _process_main(
     rate = None if plan.rate is None else plan.rate / processes
     count = None if plan.count is None else _share(plan.count, index, processes)
     empty = ProcessReport(index, rate, 0, 0, 0.0, 0.0, ())
+    payloads = _Payloads(plan.fleet, index, processes, plan.tag)
+    clients: list[mqtt.Client] = []
     try:
-        client = _connect(plan, index)
+        if plan.device_urls:
+            urls = dict(plan.device_urls)
+            # One connection per device of this process's slice, as that device.
+            for device_id in payloads.ids:
+                clients.append(_connect(urls[device_id], device_id))
+        else:
+            clients.append(_connect(plan.mqtt_url, f"eldercare-pub-{plan.tag}-{index}-{os.getpid()}"))
     except Exception as exc:
-        results.put(replace(empty, error=f"connect failed: {exc}"))
+        for c in clients:
+            c.disconnect()
+        results.put(replace(empty, error=f"connect failed: {type(exc).__name__}: {exc}"))
         return
     acked = 0
 
-    def on_publish(client, userdata, mid, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+    def on_publish(client, userdata, mid, reason_code, properties) -> None:
         nonlocal acked
         acked += 1
 
-    client.on_publish = on_publish
+    for client in clients:
+        client.on_publish = on_publish
     ready[index] = 1
-    payloads = _Payloads(plan.fleet, index, processes, plan.tag)
     go.wait()
     published = 0
     per_second: list[int] = []
@@ -517,25 +533,27 @@ def _process_main(
     try:
         if payloads and not stop.is_set() and count != 0:
             published, per_second, first, last = _pace(
-                client, payloads, rate, count, plan, start_at.value, counts, index, stop
+                clients, payloads, rate, count, plan, start_at.value, counts, index, stop
             )
         # Wait for the broker's PUBACKs: only then does it hold every message.
         deadline = time.monotonic() + plan.ack_timeout_s
-        while acked < published and time.monotonic() < deadline:
-            if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
-                error = "connection lost while waiting for PUBACKs"
-                break
+        while acked < published and time.monotonic() < deadline and error is None:
+            for client in clients:
+                if client.loop(timeout=0.05 / len(clients)) != mqtt.MQTT_ERR_SUCCESS:
+                    error = "connection lost while waiting for PUBACKs"
+                    break
         if acked < published and error is None:
             error = f"{published - acked} PUBACKs missing after {plan.ack_timeout_s:.0f} s"
     except Exception as exc:  # reported, not raised: the parent shows it
         error = f"{type(exc).__name__}: {exc}"
     finally:
         counts[index] = published
-        try:
-            client.disconnect()
-            client.loop(timeout=0.05)
-        except Exception:
-            pass
+        for client in clients:
+            try:
+                client.disconnect()
+                client.loop(timeout=0.05)
+            except Exception:
+                pass
     results.put(ProcessReport(index, rate, published, acked, first, last, tuple(per_second), error))
 
 
@@ -544,7 +562,7 @@ def _share(total: int, index: int, processes: int) -> int:
 
 
 def _pace(
-    client: mqtt.Client,
+    clients: list[mqtt.Client],
     payloads: _Payloads,
     rate: float | None,
     count: int | None,
@@ -567,7 +585,9 @@ def _pace(
     per_second: list[int] = [0]
     first = last = 0.0
     qos = plan.qos
-    pub = client.publish
+    # One shared connection (the bench), or one per device in payload slot order (the demo).
+    pubs = [c.publish for c in clients]
+    single = pubs[0] if len(pubs) == 1 else None
     next_check = 0.0
     time_ns = time.time_ns
     while published < limit:
@@ -587,8 +607,8 @@ def _pace(
         now_ns = time_ns()
         now_ms = now_ns // 1_000_000
         for _ in range(n):
-            topic, payload = payloads.next(now_ms)
-            info = pub(topic, payload, qos)
+            slot, topic, payload = payloads.next(now_ms)
+            info = (single or pubs[slot])(topic, payload, qos)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 raise ConnectionError(f"publish failed: {mqtt.error_string(info.rc)}")
         if not published:
@@ -600,8 +620,9 @@ def _pace(
             per_second.append(0)
         per_second[second] += n
         # Read PUBACKs and flush what the socket did not take yet.
-        if client.loop(timeout=0) != mqtt.MQTT_ERR_SUCCESS:
-            raise ConnectionError("connection to the broker lost")
+        for client in clients:
+            if client.loop(timeout=0) != mqtt.MQTT_ERR_SUCCESS:
+                raise ConnectionError("connection to the broker lost")
         if now >= next_check:
             counts[index] = published
             next_check = now + 0.005

@@ -18,15 +18,15 @@ from tests.waiting import wait_for
 
 
 @contextmanager
-def subscribed(account: MqttAccount, topic: str) -> Iterator[list[tuple[float, bytes]]]:
-    """A QoS 1 subscriber on ``topic``; yields the (receive time, payload) list it fills."""
-    received: list[tuple[float, bytes]] = []
+def subscribed(account: MqttAccount, topic: str) -> Iterator[list[tuple[float, str, bytes]]]:
+    """A QoS 1 subscriber on ``topic``; yields the (receive time, topic, payload) list it fills."""
+    received: list[tuple[float, str, bytes]] = []
     ready = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=account.client_id, protocol=mqtt.MQTTv5)
     client.username_pw_set(account.username, account.password)
     client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
     client.on_subscribe = lambda c, u, mid, rcs, p: ready.set()
-    client.on_message = lambda c, u, msg: received.append((time.time(), msg.payload))
+    client.on_message = lambda c, u, msg: received.append((time.time(), msg.topic, bytes(msg.payload)))
     client.connect(account.host, account.port)
     client.loop_start()
     try:
@@ -54,9 +54,9 @@ def test_paced_messages_all_arrive_spread_over_time(
     assert report.kept_up
     assert abs(report.achieved_rate - rate) < 0.05 * rate
     # Paced, not a burst: arrivals are spread over about n / rate seconds.
-    arrivals = [t for t, _ in received]
+    arrivals = [t for t, _, _ in received]
     assert max(arrivals) - min(arrivals) > 0.9 * (n - 1) / rate
-    payloads = [orjson.loads(p) for _, p in received]
+    payloads = [orjson.loads(p) for _, _, p in received]
     assert len({p["msg_id"] for p in payloads}) == n
     assert all(p["msg_id"].startswith("t1-") for p in payloads)
     for p in payloads:
@@ -65,6 +65,25 @@ def test_paced_messages_all_arrive_spread_over_time(
         assert isinstance(p["ts"], int) and started * 1000 - 1 <= p["ts"] <= time.time() * 1000
     steps = [p["metrics"]["steps"] for p in payloads]
     assert steps == sorted(steps)  # cumulative per device
+
+
+def test_devices_with_their_own_accounts_publish_as_themselves(
+    broker: Broker, mqtt_device: Callable[..., MqttAccount], new_id: Callable[[str], str]
+) -> None:
+    fleet = Fleet(variant="telemetry", size=3, prefix=new_id("p"))
+    accounts = broker.add_users(fleet.publisher_ids())  # the ACL confines each to its own topics
+    urls = tuple((device_id, account.url) for device_id, account in accounts.items())
+    with subscribed(broker.gateway, "eldercare/v1/devices/+/telemetry") as received:
+        plan = PublishPlan(urls[0][1], fleet, rate=600, count=90, processes=2, device_urls=urls)
+        report = publish(plan)
+        wait_for(lambda: len(received) >= 90, 10, "90 messages received")
+
+    assert report.published == report.acked == 90 and report.errors == []
+    msg_ids: dict[str, set[str]] = {}
+    for _, topic, payload in received:
+        msg_ids.setdefault(topic, set()).add(orjson.loads(payload)["msg_id"])
+    assert set(msg_ids) == {fleet.topic(device_id) for device_id in fleet.publisher_ids()}
+    assert sum(len(ids) for ids in msg_ids.values()) == 90  # msg_ids unique per device
 
 
 def test_hub_messages_wrap_one_attached_device_with_samples(
@@ -78,7 +97,7 @@ def test_hub_messages_wrap_one_attached_device_with_samples(
         wait_for(lambda: len(received) >= 6, 10, "6 hub messages")
 
     assert report.published == 6 and report.datapoints_per_message == 300
-    payloads = [orjson.loads(p) for _, p in received]
+    payloads = [orjson.loads(p) for _, _, p in received]
     assert len({p["msg_id"] for p in payloads}) == 6
     subs = [next(iter(p["devices"])) for p in payloads]
     assert subs == fleet.sub_ids(0) * 2  # the hub's sub-devices in turn
