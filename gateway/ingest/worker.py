@@ -1,14 +1,18 @@
 """The ingest worker: MQTT in, one transaction per batch, acknowledgements after commit.
 
-Threads:
-- paho's network thread receives a message, interprets it (pure, no I/O) and puts it on a
-  bounded queue. When the queue is full the put blocks, paho stops reading the socket, and
-  TCP plus the broker's in-flight limit hold everything else back: backpressure without
-  loss, with memory bounded.
-- the writer thread (``run``) takes what is queued, batches by size or a short delay, and
-  writes one transaction. An event or an emergency reading flushes at once. After COMMIT it
-  acknowledges the batch's messages in arrival order (paho-mqtt 2 manual acks).
-- the registry feed follows LISTEN/NOTIFY on the devices table.
+A worker is two processes, so that paho (the receiver) and the database work (the
+committer, ``committer.py``) each have a core and an interpreter lock of their own:
+
+- receiver, paho's network thread: takes a message off the socket and appends it to the
+  outgoing bundle. While more than ``queue_size`` messages are received but not yet
+  committed, it waits: paho stops reading its socket, and TCP plus the broker's in-flight
+  limit (MQTT 5 receive maximum) hold everything else back: backpressure without loss.
+- receiver, ``bundles`` thread: every millisecond or so, sends what was received to the
+  committer over a pipe.
+- receiver, ``acks`` thread: reads the committer's reports and acknowledges each committed
+  message (paho-mqtt 2 manual acks, in arrival order), and keeps the Prometheus metrics.
+- committer: interprets, batches by size or a short delay (an event or an emergency
+  reading flushes at once), writes one transaction per batch, reports it.
 
 A message received on an earlier connection is never acknowledged on a later one (its
 packet id may have been reused): the broker redelivers it and dedup drops the copy.
@@ -18,41 +22,33 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
-import queue
+import multiprocessing
+import pickle
 import socket
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import IO
 
 import paho.mqtt.client as mqtt
-import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from psycopg_pool import ConnectionPool, PoolTimeout
 
-from eldercare.alerts.ruleset import NoRules, RuleSet
-from eldercare.devices.catalog import load_catalog
-from eldercare.devices.interpret import Policy, interpret
-from eldercare.devices.records import NOT_ATTACHED_TO_HUB, UNKNOWN_DEVICE
 from eldercare.devices.topics import SUBSCRIPTIONS
 from eldercare.gateway.ingest import metrics
+from eldercare.gateway.ingest.committer import DONE, DRAIN, CommitReport, Wire, committer_main, store_flavour
 from eldercare.gateway.settings import Settings
-from eldercare.gateway.store.devices import RegistryFeed
-from eldercare.gateway.store.writer import BatchResult, BatchWriter, Received
 
 log = logging.getLogger(__name__)
 
-#: Rejections that a registration made a moment ago could turn into acceptance.
-REGISTRY_REASONS = frozenset({UNKNOWN_DEVICE, NOT_ATTACHED_TO_HUB})
-STATS_EVERY_S = 30.0
-#: Publish-to-commit lag is observed for one message in this many (a histogram is a sample).
-LAG_SAMPLE = 4
+#: How long the bundles thread gathers before sending (latency it adds, at most).
+BUNDLE_EVERY_S = 0.001
 _slot_locks: list[IO[str]] = []  # open for the life of the process: they hold the slots
 
 
@@ -92,39 +88,23 @@ def default_client_id(settings: Settings) -> str:
     raise RuntimeError("more than 256 ingest workers on one host: set ELDERCARE_MQTT_CLIENT_ID")
 
 
-def store_flavour(conninfo: str) -> str:
-    """'timescale' or 'plain', as recorded by the migrations."""
-    with psycopg.connect(conninfo) as conn:
-        row = conn.execute("SELECT value FROM store_info WHERE key = 'flavour'").fetchone()
-    if row is None:
-        raise RuntimeError("the store is not migrated: run `eldercare migrate` first")
-    return str(row[0])
-
-
 class IngestWorker:
-    """One ingest worker process's moving parts; ``run`` blocks until ``stop`` is called."""
+    """One ingest worker's moving parts; ``run`` blocks until ``stop`` is called."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        rules: RuleSet | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.clock = clock
-        self.policy = Policy(catalog=load_catalog(), horizon_s=settings.buffer_horizon_days * 86_400.0)
-        self.queue: queue.Queue[Received] = queue.Queue(maxsize=settings.queue_size)
-        self.writer = BatchWriter(store_flavour(settings.database_url), rules or NoRules())
-        self.feed = RegistryFeed(settings.database_url)
-        # The writer's connections; the registry feed keeps its own (LISTEN needs one for good).
-        self.pool = ConnectionPool(
-            settings.database_url, min_size=1, max_size=2, open=False, name="ingest-writer"
-        )
+        self.flavour = store_flavour(settings.database_url)  # fail early if not migrated
         self.client_id = default_client_id(settings)
+        self._outgoing: deque[Wire] = deque()
+        self._arrived = threading.Event()
+        self._received = 0  # written by paho's thread only
+        self._acked = 0  # written by the acks thread only
         self._stopping = threading.Event()
+        self._committer_gone = threading.Event()
+        self._done = threading.Event()
         self._generation = 0
         self._connected = threading.Event()
-        self._totals = BatchResult()
         self._client = self._make_client()
 
     # ---- MQTT side (paho's network thread) ---------------------------------------------
@@ -187,24 +167,104 @@ class IngestWorker:
             log.warning("lost the broker connection, reconnecting", extra={"reason": str(reason_code)})
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
-        now = self.clock()
-        payload = bytes(msg.payload)  # paho hands over bytes already: no copy then
-        interp = interpret(msg.topic, payload, now, self.feed.current, self.policy, msg.retain)
-        item = Received(msg.topic, payload, now, interp, msg.mid, msg.qos, self._generation, msg.retain)
-        while True:
-            try:
-                self.queue.put(item, timeout=0.5)
+        if self._stopping.is_set():
+            return  # not acked: the broker redelivers it to the next session
+        capacity = self.settings.queue_size
+        while self._received - self._acked >= capacity:  # backpressure: stop reading
+            if self._stopping.is_set() or self._committer_gone.is_set():
                 return
-            except queue.Full:
-                if self._stopping.is_set():
-                    return  # not acked: the broker redelivers it to the next session
+            time.sleep(0.001)
+        outgoing = self._outgoing
+        outgoing.append(
+            (msg.topic, msg.payload, self.clock(), msg.mid, msg.qos, self._generation, msg.retain)
+        )
+        self._received += 1
+        if len(outgoing) == 1:
+            self._arrived.set()
 
-    # ---- writer side --------------------------------------------------------------------
+    # ---- the bundles and acks threads ---------------------------------------------------
+
+    def _send_bundles(self, pipe: Connection) -> None:
+        outgoing, arrived = self._outgoing, self._arrived
+        try:
+            while True:
+                arrived.clear()  # before looking, so an append right after still wakes us
+                if not outgoing:
+                    if self._stopping.is_set():
+                        break
+                    arrived.wait(0.2)
+                    continue
+                time.sleep(BUNDLE_EVERY_S)  # let a few more arrive: one send for many
+                bundle = [outgoing.popleft() for _ in range(len(outgoing))]
+                pipe.send_bytes(pickle.dumps(bundle, protocol=pickle.HIGHEST_PROTOCOL))
+                metrics.RECEIVED.inc(len(bundle))
+            pipe.send_bytes(pickle.dumps(DRAIN))
+        except OSError:
+            self._committer_gone.set()
+
+    def _receive_reports(self, pipe: Connection) -> None:
+        try:
+            while True:
+                report: CommitReport | str = pickle.loads(pipe.recv_bytes())
+                if report == DONE:
+                    break
+                assert isinstance(report, CommitReport)
+                self._ack(report)
+                self._record(report)
+        except (EOFError, OSError):
+            if not self._stopping.is_set():
+                log.error("the committer process died; stopping this worker")
+            self._committer_gone.set()
+        finally:
+            self._done.set()
+
+    def _ack(self, report: CommitReport) -> None:
+        generation, ack = self._generation, self._client.ack
+        acked = 0
+        for mid, qos, gen in report.acks:
+            if gen == generation:
+                ack(mid, qos)
+                acked += 1
+        self._acked += report.result.messages  # QoS 0 ones too: they left the pipeline
+        metrics.ACKED.inc(acked)
+
+    def _record(self, report: CommitReport) -> None:
+        result = report.result
+        metrics.STORED.inc(result.stored_messages)
+        metrics.DATAPOINTS.inc(result.readings)
+        metrics.EVENTS.inc(result.events)
+        metrics.DUPLICATES.inc(result.duplicates)
+        metrics.CLOCK_SKEW.inc(result.skewed)
+        for reason, n in result.rejected.items():
+            metrics.DEAD_LETTERS.labels(reason).inc(n)
+        metrics.BATCH_FAILURES.inc(report.failures)
+        metrics.BATCH_SIZE.observe(result.messages)
+        metrics.COMMIT_SECONDS.observe(report.commit_seconds)
+        metrics.QUEUE_DEPTH.set(self._received - self._acked)
+        for lag in report.lags:
+            metrics.LAG_SECONDS.observe(lag)
+
+    # ---- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Connect, consume and write until ``stop``; flush and ack what is queued, then leave."""
+        """Connect, consume and commit until ``stop``; flush and ack what is held, then leave."""
         s = self.settings
-        self.feed.start()
+        spawn = multiprocessing.get_context("spawn")
+        to_committer, committer_in = spawn.Pipe(duplex=False)[::-1]
+        reports_in, reports_out = spawn.Pipe(duplex=False)
+        committer = spawn.Process(
+            target=committer_main,
+            args=(s.model_dump(), committer_in, reports_out),
+            name="eldercare-committer",
+            daemon=True,
+        )
+        committer.start()
+        committer_in.close()
+        reports_out.close()
+        sender = threading.Thread(target=self._send_bundles, args=(to_committer,), name="bundles")
+        acks = threading.Thread(target=self._receive_reports, args=(reports_in,), name="acks")
+        sender.start()
+        acks.start()
         target = s.mqtt
         if s.mqtt_protocol == "5":
             self._client.connect_async(
@@ -217,159 +277,23 @@ class IngestWorker:
         else:  # 3.1.1: the persistent session comes from clean_session=False on the client
             self._client.connect_async(target.host, target.port, keepalive=30)
         self._client.loop_start()
-        log.info(
-            "ingest worker started",
-            extra={"client_id": self.client_id, "flavour": self.writer.flavour},
-        )
-        self.pool.open(wait=False)
-        last_stats = time.monotonic()
+        log.info("ingest worker started", extra={"client_id": self.client_id, "flavour": self.flavour})
         try:
-            while not self._stopping.is_set() or not self.queue.empty():
-                batch = self._next_batch()
-                if batch and not self._commit_and_ack(batch):
-                    break  # stopping while the store is unreachable: the broker keeps them
-                if time.monotonic() - last_stats >= STATS_EVERY_S:
-                    self._log_stats()
-                    last_stats = time.monotonic()
+            while not (self._stopping.is_set() or self._committer_gone.is_set()):
+                self._stopping.wait(0.5)
+            self._stopping.set()
+            sender.join(30)
+            self._done.wait(60)  # the committer commits what it holds and reports it
         finally:
-            self._client.disconnect()
+            self._client.disconnect()  # after the last acks went out
             self._client.loop_stop()
-            self.feed.stop()
-            self.pool.close()
-            self._log_stats()
+            committer.join(10)
+            if committer.is_alive():
+                committer.kill()
             log.info("ingest worker stopped")
+        if self._committer_gone.is_set() and not self._done.is_set():
+            raise RuntimeError("the committer process died")
 
     def stop(self) -> None:
         """Ask ``run`` to finish: stop taking messages, commit and ack what it holds."""
         self._stopping.set()
-
-    def _next_batch(self) -> list[Received]:
-        """Gather up to batch_size messages, waiting at most the max delay for the first's batch."""
-        s = self.settings
-        try:
-            first = self.queue.get(timeout=0.2)
-        except queue.Empty:
-            return []
-        batch = [first]
-        deadline = time.monotonic() + s.batch_max_delay_ms / 1000
-        urgent = first.interp.immediate
-        while not urgent and len(batch) < s.batch_size:
-            try:
-                while len(batch) < s.batch_size:
-                    item = self.queue.get_nowait()
-                    batch.append(item)
-                    if item.interp.immediate:
-                        urgent = True
-                        break
-            except queue.Empty:
-                pass
-            remaining = deadline - time.monotonic()
-            if urgent or len(batch) >= s.batch_size or remaining <= 0:
-                break
-            # Napping and then taking everything queued costs less CPU than waking per message.
-            time.sleep(min(0.002, remaining))
-        return batch
-
-    def _recheck_unknown(self, conn: psycopg.Connection, batch: list[Received]) -> None:
-        """Re-interpret messages refused for a device the registry snapshot may lack yet."""
-        suspects = [
-            (i, {r.device_id for r in item.interp.rejections if r.reason in REGISTRY_REASONS and r.device_id})
-            for i, item in enumerate(batch)
-        ]
-        suspects = [(i, ids) for i, ids in suspects if ids]
-        if not suspects:
-            return
-        ids = set().union(*(ids for _, ids in suspects))
-        with conn.transaction():
-            if not self.feed.recheck(conn, ids, self.clock()):
-                return
-        registry = self.feed.current
-        for i, _ in suspects:
-            item = batch[i]
-            item.interp = interpret(
-                item.topic, item.payload, item.received_at, registry, self.policy, item.retained
-            )
-
-    def _commit_and_ack(self, batch: list[Received]) -> bool:
-        """Write the batch (retrying until it commits), then ack it; False if given up on stop."""
-        delay = 0.5
-        while True:
-            started = time.perf_counter()
-            try:
-                with self.pool.connection(timeout=10.0) as conn:
-                    self._recheck_unknown(conn, batch)
-                    result = self.writer.write(conn, batch)
-                break
-            except Exception as exc:  # connection trouble, or worse: retry, never ack early
-                metrics.BATCH_FAILURES.inc()
-                if not isinstance(exc, psycopg.OperationalError | PoolTimeout):
-                    log.exception("batch failed unexpectedly, retrying")
-                log.warning(
-                    "batch not committed, retrying",
-                    extra={
-                        "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                        "messages": len(batch),
-                    },
-                )
-                if self._stopping.is_set():
-                    log.warning("stopping with uncommitted messages; the broker redelivers them")
-                    return False
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        committed = self.clock()
-        metrics.COMMIT_SECONDS.observe(time.perf_counter() - started)
-        metrics.BATCH_SIZE.observe(len(batch))
-        self._ack(batch)
-        self._record(result, batch, committed)
-        return True
-
-    def _ack(self, batch: list[Received]) -> None:
-        generation = self._generation
-        acked = 0
-        for item in batch:
-            if item.qos and item.generation == generation:
-                self._client.ack(item.mid, item.qos)
-                acked += 1
-        metrics.ACKED.inc(acked)
-
-    def _record(self, result: BatchResult, batch: list[Received], committed: float) -> None:
-        metrics.RECEIVED.inc(len(batch))
-        metrics.STORED.inc(result.stored_messages)
-        metrics.DATAPOINTS.inc(result.readings)
-        metrics.EVENTS.inc(result.events)
-        metrics.DUPLICATES.inc(result.duplicates)
-        metrics.CLOCK_SKEW.inc(result.skewed)
-        for reason, n in result.rejected.items():
-            metrics.DEAD_LETTERS.labels(reason).inc(n)
-        metrics.QUEUE_DEPTH.set(self.queue.qsize())
-        lag = metrics.LAG_SECONDS
-        # Every LAG_SAMPLE-th message, live data only (buffered uploads would swamp it).
-        for item in batch[:: LAG_SAMPLE if len(batch) > LAG_SAMPLE else 1]:
-            first = item.interp.readings[:1] or item.interp.events[:1]
-            if first and not first[0].flags:
-                lag.observe(max(0.0, committed - first[0].time.timestamp()))
-        self._totals.add(result)
-        if result.rejected and log.isEnabledFor(logging.DEBUG):
-            for item in batch:
-                for rej in item.interp.rejections:
-                    log.debug(
-                        "rejected",
-                        extra={"reason": rej.reason, "topic": item.topic, "detail": rej.detail},
-                    )
-
-    def _log_stats(self) -> None:
-        t = self._totals
-        log.info(
-            "ingest totals",
-            extra={
-                "messages": t.messages,
-                "stored_messages": t.stored_messages,
-                "datapoints": t.readings,
-                "events": t.events,
-                "duplicates": t.duplicates,
-                "rejected": dict(t.rejected),
-                "clock_skew": t.skewed,
-                "queue": self.queue.qsize(),
-                "pid": os.getpid(),
-            },
-        )
