@@ -11,6 +11,7 @@ The rules engine (next issue) implements this protocol; the Foundation ships ``N
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,3 +46,15 @@ class NoRules:
 
     def apply(self, cur: psycopg.Cursor, batch: RuleBatch) -> None:
         return None
+
+
+def load_rules(spec: str) -> RuleSet:
+    """The rule set named ``module:factory`` (a class or function returning one)."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"a rule set is named module:factory, got {spec!r}")
+    factory = getattr(importlib.import_module(module_name), attribute)
+    rules = factory()
+    if not callable(getattr(rules, "apply", None)):
+        raise TypeError(f"{spec} did not make a rule set (no apply method)")
+    return rules

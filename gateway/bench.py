@@ -713,7 +713,13 @@ class Workers:
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+        """The workers' processes: each worker and its committer process."""
+        pids = []
+        for p in self._ps:
+            pids.append(p.pid)
+            with contextlib.suppress(psutil.Error):
+                pids.extend(c.pid for c in p.children(recursive=True))
+        return pids
 
     def sample(self) -> WorkerSample:
         """Scrape every worker and sum the counters."""
@@ -757,6 +763,7 @@ class Workers:
         for p in self._ps:
             with contextlib.suppress(psutil.Error):
                 total += p.memory_info().rss
+                total += sum(c.memory_info().rss for c in p.children(recursive=True))
         self.max_rss = max(self.max_rss, total)
         return total
 

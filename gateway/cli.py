@@ -85,6 +85,13 @@ def serve(
         list[Role] | None,
         typer.Option(help="Role(s) to run; repeat the option. Default: all (ingest, maintenance)."),
     ] = None,
+    retire: Annotated[
+        bool,
+        typer.Option(
+            help="Retire this worker slot for good: take no new share of the group's messages,"
+            " commit and ack what its session holds, then remove the session and exit."
+        ),
+    ] = False,
 ) -> None:
     """Run the gateway's roles until SIGTERM or Ctrl-C (ingest: MQTT -> store)."""
     from eldercare.gateway.logs import configure_logging
@@ -104,7 +111,12 @@ def serve(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    run_roles(s, {r.value for r in roles}, stop)
+    if retire:
+        if not s.mqtt_client_id:
+            console.print("[red]error:[/] --retire needs ELDERCARE_MQTT_CLIENT_ID: the slot to retire")
+            raise typer.Exit(2)
+        roles = {Role.ingest}
+    run_roles(s, {r.value for r in roles}, stop, retire=retire)
 
 
 @devices_app.command("add")

@@ -32,7 +32,7 @@ def _maintenance_job(settings: Settings) -> None:
         log.exception("maintenance failed")
 
 
-def run_roles(settings: Settings, roles: set[str], stop: threading.Event) -> None:
+def run_roles(settings: Settings, roles: set[str], stop: threading.Event, retire: bool = False) -> None:
     """Start the named roles ('ingest', 'maintenance'); return once ``stop`` is set."""
     metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     if settings.metrics_port:
@@ -54,7 +54,7 @@ def run_roles(settings: Settings, roles: set[str], stop: threading.Event) -> Non
         if "ingest" in roles:
             from eldercare.gateway.ingest.worker import IngestWorker
 
-            worker = IngestWorker(settings)
+            worker = IngestWorker(settings, retire=retire)
 
             def stop_worker_on_signal() -> None:
                 stop.wait()

@@ -32,6 +32,8 @@ Settings (environment variables, or a .env file in the working folder):
   ELDERCARE_RETENTION_OBSERVATIONS_DAYS   (default 730)
   ELDERCARE_RETENTION_DEAD_LETTERS_DAYS   (default 90)
   ELDERCARE_DATA_DIR            where embedded services keep their data (default ./.eldercare)
+  ELDERCARE_RULES               module:factory of the rule set run in each batch's transaction
+                                (default eldercare.alerts.ruleset:NoRules)
 """
 
 
@@ -78,6 +80,7 @@ class Settings(BaseSettings):
     retention_observations_days: int = Field(730, ge=1)
     retention_dead_letters_days: int = Field(90, ge=1)
     data_dir: str = ".eldercare"
+    rules: str = "eldercare.alerts.ruleset:NoRules"
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from eldercare.alerts.ruleset import NoRules, RuleSet
+from eldercare.alerts.ruleset import NoRules, RuleSet, load_rules
 from eldercare.devices.catalog import load_catalog
 from eldercare.devices.interpret import Policy, interpret
 from eldercare.devices.records import NOT_ATTACHED_TO_HUB, UNKNOWN_DEVICE
@@ -277,4 +277,4 @@ def committer_main(settings_values: dict[str, Any], inbound: Connection, outboun
 
     settings = Settings(**settings_values)
     configure_logging(settings.log_level, settings.log_format)
-    Committer(settings, inbound, outbound).run()
+    Committer(settings, inbound, outbound, rules=load_rules(settings.rules)).run()

@@ -40,6 +40,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from eldercare.alerts.ruleset import load_rules
 from eldercare.devices.topics import SUBSCRIPTIONS
 from eldercare.gateway.ingest import metrics
 from eldercare.gateway.ingest.committer import DONE, DRAIN, CommitReport, Wire, committer_main, store_flavour
@@ -47,6 +48,8 @@ from eldercare.gateway.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: A retiring slot stops once it has received nothing for this long and acked everything.
+RETIRE_IDLE_S = 3.0
 #: How long the bundles thread gathers before sending (latency it adds, at most).
 BUNDLE_EVERY_S = 0.001
 _slot_locks: list[IO[str]] = []  # open for the life of the process: they hold the slots
@@ -91,10 +94,15 @@ def default_client_id(settings: Settings) -> str:
 class IngestWorker:
     """One ingest worker's moving parts; ``run`` blocks until ``stop`` is called."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: Settings, clock: Callable[[], float] = time.time, retire: bool = False
+    ) -> None:
         self.settings = settings
+        self.retire = retire
+        self._last_message = time.monotonic()
         self.clock = clock
         self.flavour = store_flavour(settings.database_url)  # fail early if not migrated
+        load_rules(settings.rules)  # and if the rule set cannot be loaded
         self.client_id = default_client_id(settings)
         self._outgoing: deque[Wire] = deque()
         self._arrived = threading.Event()
@@ -153,7 +161,10 @@ class IngestWorker:
                 "subscriptions": len(subscriptions(self.settings)),
             },
         )
-        if self.settings.mqtt_protocol == "5":
+        if self.retire:
+            # No new share of the group's messages; what the session holds still comes.
+            client.unsubscribe(subscriptions(self.settings))
+        elif self.settings.mqtt_protocol == "5":
             # retain_handling=1: retained messages only when the subscription is new.
             options = SubscribeOptions(qos=1, retainHandling=1)
             client.subscribe([(t, options) for t in subscriptions(self.settings)])
@@ -169,6 +180,7 @@ class IngestWorker:
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
         if self._stopping.is_set():
             return  # not acked: the broker redelivers it to the next session
+        self._last_message = time.monotonic()
         capacity = self.settings.queue_size
         while self._received - self._acked >= capacity:  # backpressure: stop reading
             if self._stopping.is_set() or self._committer_gone.is_set():
@@ -281,12 +293,19 @@ class IngestWorker:
         try:
             while not (self._stopping.is_set() or self._committer_gone.is_set()):
                 self._stopping.wait(0.5)
+                if self.retire and self._drained():
+                    log.info(
+                        "retired slot drained: removing its session", extra={"client_id": self.client_id}
+                    )
+                    break
             self._stopping.set()
             sender.join(30)
             self._done.wait(60)  # the committer commits what it holds and reports it
         finally:
-            self._client.disconnect()  # after the last acks went out
+            self._client.disconnect(properties=self._disconnect_properties())  # after the last acks
             self._client.loop_stop()
+            if self.retire and self.settings.mqtt_protocol != "5":
+                self._end_session_311()
             committer.join(10)
             if committer.is_alive():
                 committer.kill()
@@ -297,3 +316,30 @@ class IngestWorker:
     def stop(self) -> None:
         """Ask ``run`` to finish: stop taking messages, commit and ack what it holds."""
         self._stopping.set()
+
+    # ---- retiring a slot for good ---------------------------------------------------------
+
+    def _drained(self) -> bool:
+        """Connected, nothing received for RETIRE_IDLE_S, and everything received acked."""
+        idle = time.monotonic() - self._last_message >= RETIRE_IDLE_S
+        return self._connected.is_set() and idle and self._received == self._acked
+
+    def _disconnect_properties(self) -> Properties | None:
+        if not (self.retire and self.settings.mqtt_protocol == "5"):
+            return None
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = 0  # the broker forgets the session now
+        return props
+
+    def _end_session_311(self) -> None:
+        """MQTT 3.1.1 has no session expiry: a clean-session connect removes the session."""
+        target = self.settings.mqtt
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv311, clean_session=True
+        )
+        if target.username:
+            client.username_pw_set(target.username, target.password)
+        if target.tls:
+            client.tls_set()
+        client.connect(target.host, target.port)
+        client.disconnect()

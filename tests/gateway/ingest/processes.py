@@ -89,7 +89,9 @@ class Device:
         self.client.loop_stop()
 
 
-def telemetry_stream(devices: list[Device], n: int, rate: float) -> Iterator[tuple[Device, dict]]:
+def telemetry_stream(
+    devices: list[Device], n: int, rate: float, tag: str = "m"
+) -> Iterator[tuple[Device, dict]]:
     """n telemetry messages round-robin over devices, paced at ``rate`` per second.
 
     Message k carries ``steps = k`` so every stored message can be told apart.
@@ -104,7 +106,7 @@ def telemetry_stream(devices: list[Device], n: int, rate: float) -> Iterator[tup
         yield (
             device,
             {
-                "msg_id": f"m-{k}",
+                "msg_id": f"{tag}-{k}",
                 "ts": int(time.time() * 1000),
                 "metrics": {"heart_rate": 60 + k % 40, "spo2": 95 + k % 5, "steps": k},
             },
@@ -114,13 +116,13 @@ def telemetry_stream(devices: list[Device], n: int, rate: float) -> Iterator[tup
 class Publisher(threading.Thread):
     """Publishes a paced telemetry stream in the background; ``published`` counts PUBACKs."""
 
-    def __init__(self, devices: list[Device], n: int, rate: float) -> None:
+    def __init__(self, devices: list[Device], n: int, rate: float, tag: str = "m") -> None:
         super().__init__(daemon=True)
-        self.devices, self.n, self.rate = devices, n, rate
+        self.devices, self.n, self.rate, self.tag = devices, n, rate, tag
         self.infos: list[mqtt.MQTTMessageInfo] = []
 
     def run(self) -> None:
-        for device, payload in telemetry_stream(self.devices, self.n, self.rate):
+        for device, payload in telemetry_stream(self.devices, self.n, self.rate, self.tag):
             self.infos.append(device.publish("telemetry", payload))
 
     def wait_all_acked(self, timeout: float) -> None:

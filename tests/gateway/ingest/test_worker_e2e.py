@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -11,7 +14,7 @@ import pytest
 from eldercare.gateway.broker import ProjectBroker, free_port
 from eldercare.gateway.store.devices import set_enabled
 from tests.gateway.ingest.conftest import IngestSetup
-from tests.gateway.ingest.processes import Publisher, scalar
+from tests.gateway.ingest.processes import ELDERCARE, Publisher, WorkerProcess, scalar
 from tests.waiting import never, wait_for
 
 pytestmark = pytest.mark.slow
@@ -265,3 +268,53 @@ def test_store_connections_killed_mid_stream_lose_nothing(ingest) -> None:
     assert worker.stop() == 0
     assert_each_message_once(ingest.db_url, n, probe)
     assert "batch not committed, retrying" in worker.log()
+
+
+def test_rule_set_named_in_settings_commits_with_the_readings_or_not_at_all(ingest) -> None:
+    with psycopg.connect(ingest.db_url) as conn:
+        conn.execute("CREATE TABLE test_decisions (device_id text, metric text, value float8)")
+    worker = ingest.worker(
+        ELDERCARE_RULES="tests.gateway.ingest.recording_rules:RecordingRules",
+        PYTHONPATH=str(Path(__file__).parents[3]),  # the rule set lives in the tests
+    ).start()
+    [dev] = ingest.devices(1)
+    probes = ingest.wait_until_subscribed(worker, dev)
+    now = int(time.time() * 1000)
+    dev.publish("telemetry", {"msg_id": "ok-1", "ts": now, "metrics": {"heart_rate": 80, "spo2": 97}})
+    dev.publish("telemetry", {"msg_id": "bad-1", "ts": now, "metrics": {"heart_rate": 222}})
+    wait_for(lambda: ingest.rows("SELECT reason, msg_id FROM dead_letters"), 20, "the failed message")
+    wait_for(lambda: stored_ids(ingest, "ok-1") == 1, 20, "the good message")
+    assert ingest.rows("SELECT reason, msg_id FROM dead_letters") == [("internal_error", "bad-1")]
+    assert scalar(ingest.db_url, "SELECT count(*) FROM observations WHERE value = 222") == 0
+    assert scalar(ingest.db_url, "SELECT count(*) FROM test_decisions WHERE value = 222") == 0
+    decided = scalar(ingest.db_url, "SELECT count(*) FROM test_decisions")
+    assert decided == scalar(ingest.db_url, "SELECT count(*) FROM observations") == probes + 2
+    assert worker.stop() == 0
+
+
+def test_retiring_a_slot_drains_its_share_and_removes_its_session(ingest) -> None:
+    """Mosquitto queues a stopped group member's share; --retire drains it and ends the session."""
+    stay = ingest.worker("a").start()
+    leave = ingest.worker("b").start()
+    devices = ingest.devices(5)
+    probes = ingest.wait_until_subscribed(stay, devices[0], also=[leave])
+    assert leave.stop() == 0
+    first = Publisher(devices, 1_000, rate=1_000)
+    first.start()
+    first.wait_all_acked(30)  # about half of these now wait in the stopped slot's session
+    retiring = WorkerProcess({**leave.env}, ingest.tmp / "worker-b-retire.log")
+    retiring.proc = subprocess.Popen(
+        [ELDERCARE, "serve", "--role", "ingest", "--retire"],
+        env={**os.environ, **leave.env},
+        stdout=open(retiring.log_path, "ab"),  # noqa: SIM115 - the child owns it
+        stderr=subprocess.STDOUT,
+    )
+    assert retiring.proc.wait(60) == 0, retiring.log()
+    assert "retired slot drained" in retiring.log()
+    wait_for(lambda: stored_messages(ingest.db_url) == probes + 1_000, 30, "the first 1,000")
+    # With its session gone, the group is the staying worker alone: nothing is parked.
+    more = Publisher(devices, 500, rate=1_000, tag="more")
+    more.start()
+    more.wait_all_acked(30)
+    wait_for(lambda: stored_messages(ingest.db_url) == probes + 1_500, 30, "all 1,500")
+    assert stay.stop() == 0
