@@ -29,7 +29,6 @@ import queue
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 import psutil
@@ -53,6 +52,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from eldercare.gateway.broker import free_port
+from eldercare.gateway.services import database_url
 from eldercare.simulators.publisher import (
     Fleet,
     PublisherRun,
@@ -281,12 +282,6 @@ class BenchResult:
 # ---- the store -----------------------------------------------------------------------------
 
 
-def database_url(admin_url: str, name: str) -> str:
-    """``admin_url`` pointing at database ``name`` instead."""
-    parts = urlsplit(admin_url)
-    return urlunsplit(parts._replace(path="/" + name))
-
-
 @contextlib.contextmanager
 def bench_database(admin_url: str, keep: bool) -> Iterator[tuple[str, str]]:
     """A fresh, migrated database ``eldercare_bench_<random>``; dropped afterwards unless keep."""
@@ -312,13 +307,6 @@ def _count(url: str, sql: str) -> int:
 
 
 # ---- the broker ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 #: The bench publishers' broker account: may publish under any device or hub id.

@@ -33,6 +33,7 @@ from eldercare.devices.interpret import Policy, interpret
 from eldercare.devices.records import NOT_ATTACHED_TO_HUB, UNKNOWN_DEVICE
 from eldercare.gateway.settings import Settings
 from eldercare.gateway.store.devices import RegistryFeed
+from eldercare.gateway.store.migrate import store_flavour as recorded_flavour
 from eldercare.gateway.store.writer import BatchResult, BatchWriter, Received
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,12 @@ class CommitReport:
 
 
 def store_flavour(conninfo: str) -> str:
-    """'timescale' or 'plain', as recorded by the migrations."""
+    """'timescale' or 'plain', as recorded by the migrations; raise if not migrated."""
     with psycopg.connect(conninfo) as conn:
-        row = conn.execute("SELECT value FROM store_info WHERE key = 'flavour'").fetchone()
-    if row is None:
+        flavour = recorded_flavour(conn)
+    if flavour is None:
         raise RuntimeError("the store is not migrated: run `eldercare migrate` first")
-    return str(row[0])
+    return flavour
 
 
 class Committer:

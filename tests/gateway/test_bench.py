@@ -1,0 +1,43 @@
+"""`eldercare bench ingest --quick`: the benchmark runs end to end and counts exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ELDERCARE = str(Path(sys.executable).with_name("eldercare"))
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_benchmark_stores_everything_once_and_reports_rates(tmp_path: Path, pg_admin_url: str) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [
+            ELDERCARE,
+            "bench",
+            "ingest",
+            "--quick",
+            "--variant",
+            "telemetry",
+            "--admin-url",
+            pg_admin_url,
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "bare drain" in done.stdout and "worker drain" in done.stdout
+    [variant] = json.loads(out.read_text())["variants"]
+    assert variant["receipts_found"] == variant["receipts_expected"] > 0
+    assert variant["observations_found"] == variant["observations_expected"] > 0
+    assert variant["sustained_rate"] > 0 and variant["drain_ratio"] > 0
