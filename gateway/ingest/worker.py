@@ -188,7 +188,8 @@ class IngestWorker:
             time.sleep(0.001)
         outgoing = self._outgoing
         outgoing.append(
-            (msg.topic, msg.payload, self.clock(), msg.mid, msg.qos, self._generation, msg.retain)
+            # paho hands over bytes (bytes() of bytes is the same object: no copy)
+            (msg.topic, bytes(msg.payload), self.clock(), msg.mid, msg.qos, self._generation, msg.retain)
         )
         self._received += 1
         if len(outgoing) == 1:
@@ -262,7 +263,7 @@ class IngestWorker:
         """Connect, consume and commit until ``stop``; flush and ack what is held, then leave."""
         s = self.settings
         spawn = multiprocessing.get_context("spawn")
-        to_committer, committer_in = spawn.Pipe(duplex=False)[::-1]
+        committer_in, to_committer = spawn.Pipe(duplex=False)  # (reading end, writing end)
         reports_in, reports_out = spawn.Pipe(duplex=False)
         committer = spawn.Process(
             target=committer_main,
