@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,13 @@ import pytest
 
 ELDERCARE = str(Path(sys.executable).with_name("eldercare"))
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()),
+        reason="the benchmark measures the real Mosquitto: apt-get install mosquitto",
+    ),
+]
 
 
 def test_quick_benchmark_stores_everything_once_and_reports_rates(tmp_path: Path, pg_admin_url: str) -> None:
