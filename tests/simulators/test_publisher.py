@@ -18,11 +18,16 @@ from tests.waiting import wait_for
 
 
 @contextmanager
-def subscribed(account: MqttAccount, topic: str) -> Iterator[list[tuple[float, str, bytes]]]:
-    """A QoS 1 subscriber on ``topic``; yields the (receive time, topic, payload) list it fills."""
+def subscribed(broker: Broker, topic: str) -> Iterator[list[tuple[float, str, bytes]]]:
+    """A QoS 1 subscriber (the gateway's account) on ``topic``; yields what it receives.
+
+    Each item is (receive time, topic, payload). MQTT 5 where the broker speaks it.
+    """
+    account = broker.gateway
     received: list[tuple[float, str, bytes]] = []
     ready = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=account.client_id, protocol=mqtt.MQTTv5)
+    protocol = mqtt.MQTTv5 if broker.capabilities.supports_mqtt5 else mqtt.MQTTv311
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=account.client_id, protocol=protocol)
     client.username_pw_set(account.username, account.password)
     client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
     client.on_subscribe = lambda c, u, mid, rcs, p: ready.set()
@@ -44,7 +49,7 @@ def test_paced_messages_all_arrive_spread_over_time(
     [device_id] = fleet.publisher_ids()
     account = mqtt_device(device_id)  # the ACL lets this account publish only as that device
     n, rate = 600, 1_500.0
-    with subscribed(broker.gateway, fleet.topic(device_id)) as received:
+    with subscribed(broker, fleet.topic(device_id)) as received:
         started = time.time()
         report = publish(PublishPlan(account.url, fleet, rate=rate, count=n, tag="t1"))
         wait_for(lambda: len(received) >= n, 10, f"{n} messages received")
@@ -73,7 +78,7 @@ def test_devices_with_their_own_accounts_publish_as_themselves(
     fleet = Fleet(variant="telemetry", size=3, prefix=new_id("p"))
     accounts = broker.add_users(fleet.publisher_ids())  # the ACL confines each to its own topics
     urls = tuple((device_id, account.url) for device_id, account in accounts.items())
-    with subscribed(broker.gateway, "eldercare/v1/devices/+/telemetry") as received:
+    with subscribed(broker, "eldercare/v1/devices/+/telemetry") as received:
         plan = PublishPlan(urls[0][1], fleet, rate=600, count=90, processes=2, device_urls=urls)
         report = publish(plan)
         wait_for(lambda: len(received) >= 90, 10, "90 messages received")
@@ -92,7 +97,7 @@ def test_hub_messages_wrap_one_attached_device_with_samples(
     fleet = Fleet(variant="hub", size=1, subs_per_hub=3, samples_per_message=100, prefix=new_id("p"))
     [hub_id] = fleet.publisher_ids()
     account = mqtt_device(hub_id)
-    with subscribed(broker.gateway, fleet.topic(hub_id)) as received:
+    with subscribed(broker, fleet.topic(hub_id)) as received:
         report = publish(PublishPlan(account.url, fleet, rate=200, count=6, tag="h"))
         wait_for(lambda: len(received) >= 6, 10, "6 hub messages")
 
