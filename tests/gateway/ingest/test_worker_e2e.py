@@ -104,7 +104,16 @@ def test_redelivered_message_after_restart_is_not_stored_twice(ingest) -> None:
     assert worker.stop() == 0
 
 
+def needs_mosquitto_guarantees(ingest, what: str) -> None:
+    """Skip where the broker is the iotcore fallback, which lacks what this test relies on."""
+    caps = ingest.broker.capabilities
+    if caps.kind == "iotcore":
+        pytest.skip(f"{what}: not offered by the iotcore fallback broker ({caps.note}); install mosquitto")
+
+
 def test_kill_9_mid_stream_then_restart_stores_every_message_exactly_once(ingest) -> None:
+    # iotcore was seen to lose an un-acked message when its subscriber died (notes/embedded-services.md)
+    needs_mosquitto_guarantees(ingest, "redelivery of un-acked messages after kill -9")
     n = 6_000
     worker = ingest.worker(ELDERCARE_QUEUE_SIZE="100").start()  # a small bound: backpressure at work
     devices = ingest.devices(10)
@@ -124,6 +133,7 @@ def test_kill_9_mid_stream_then_restart_stores_every_message_exactly_once(ingest
 
 
 def test_two_workers_share_the_load_without_loss(ingest) -> None:
+    needs_mosquitto_guarantees(ingest, "shared subscriptions ($share)")
     n = 4_000
     first = ingest.worker("a").start()
     second = ingest.worker("b").start()
@@ -294,6 +304,7 @@ def test_rule_set_named_in_settings_commits_with_the_readings_or_not_at_all(inge
 
 def test_retiring_a_slot_drains_its_share_and_removes_its_session(ingest) -> None:
     """Mosquitto queues a stopped group member's share; --retire drains it and ends the session."""
+    needs_mosquitto_guarantees(ingest, "shared subscriptions ($share)")
     stay = ingest.worker("a").start()
     leave = ingest.worker("b").start()
     devices = ingest.devices(5)
