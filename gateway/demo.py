@@ -228,14 +228,11 @@ def run_demo(
         where.add_row("try", "eldercare dead-letters · eldercare devices list  (in another terminal)")
         where.add_row("stop", "Ctrl-C")
         deadline = time.monotonic() + duration if duration else None
-        try:
-            with Live(console=console, refresh_per_second=2, transient=False) as live:
-                while not stop.is_set():
-                    live.update(_view(where, _counts(db_url), sim.published))
-                    if deadline and time.monotonic() >= deadline:
-                        break
-                    stop.wait(1.0)
-        except KeyboardInterrupt:
-            pass
+        with contextlib.suppress(KeyboardInterrupt), Live(console=console, refresh_per_second=2) as live:
+            while not stop.is_set():  # Ctrl-C ends it too: everything is stopped below
+                live.update(_view(where, _counts(db_url), sim.published))
+                if deadline and time.monotonic() >= deadline:
+                    break
+                stop.wait(1.0)
         console.print("\nstopping: simulated homes, ingest worker, broker, database …")
     console.print("stopped; the data stays in " + str(data_dir) + " for the next run")

@@ -12,37 +12,27 @@ from __future__ import annotations
 import random
 import threading
 import time
-from dataclasses import dataclass
 from itertools import count
 
 import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from eldercare.devices.registry import DeviceInfo
 from eldercare.gateway.broker import MqttAccount
 
 
-@dataclass(frozen=True, slots=True)
-class SimDevice:
-    """A device of a simulated home: id, type, the elder it watches, the hub it sits behind."""
-
-    device_id: str
-    type: str
-    elder_id: str | None = None
-    hub_id: str | None = None
-
-
-def home_devices(homes: int, prefix: str = "demo") -> list[SimDevice]:
+def home_devices(homes: int, prefix: str = "demo") -> list[DeviceInfo]:
     """The devices of ``homes`` simulated homes (hubs listed before their sensors)."""
-    devices: list[SimDevice] = []
+    devices: list[DeviceInfo] = []
     for h in range(1, homes + 1):
         elder = f"e-{prefix}-{h:03d}"
         hub = f"hub-{prefix}-{h:03d}"
         devices += [
-            SimDevice(f"w-{prefix}-{h:03d}", "wristband", elder),
-            SimDevice(f"bp-{prefix}-{h:03d}", "bp_monitor", elder),
-            SimDevice(hub, "hub"),
-            SimDevice(f"bed-{prefix}-{h:03d}", "bed_sensor", elder, hub),
+            DeviceInfo(f"w-{prefix}-{h:03d}", "wristband", elder),
+            DeviceInfo(f"bp-{prefix}-{h:03d}", "bp_monitor", elder),
+            DeviceInfo(hub, "hub"),
+            DeviceInfo(f"bed-{prefix}-{h:03d}", "bed_sensor", elder, hub),
         ]
     return devices
 
@@ -52,7 +42,7 @@ class SimulatedHomes:
 
     def __init__(
         self,
-        devices: list[SimDevice],
+        devices: list[DeviceInfo],
         accounts: dict[str, MqttAccount],
         rate: float = 5.0,
         fault_share: float = 0.05,
@@ -83,7 +73,7 @@ class SimulatedHomes:
             client.disconnect()  # a clean disconnect: no Last Will
             client.loop_stop()
 
-    def _connect(self, device: SimDevice) -> mqtt.Client:
+    def _connect(self, device: DeviceInfo) -> mqtt.Client:
         account = self.accounts[device.device_id]
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=account.client_id)
         client.username_pw_set(account.username, account.password)
@@ -115,7 +105,7 @@ class SimulatedHomes:
             self._clients[device.device_id].publish(topic, payload, qos=1)
             self.published += 1
 
-    def _message(self, device: SimDevice) -> tuple[str, bytes]:
+    def _message(self, device: DeviceInfo) -> tuple[str, bytes]:
         r = self.random
         msg_id = f"{device.device_id}-{next(self._seq)}"
         base = f"eldercare/v1/devices/{device.device_id}"

@@ -158,7 +158,7 @@ class Committer:
         deadline = time.monotonic() + s.batch_max_delay_ms / 1000
         urgent = first.interp.immediate
         while not urgent and len(batch) < s.batch_size:
-            try:
+            with contextlib.suppress(queue.Empty):  # took all there was
                 while len(batch) < s.batch_size:
                     item = self.queue.get_nowait()
                     if item is None:
@@ -167,8 +167,6 @@ class Committer:
                     if item.interp.immediate:
                         urgent = True
                         break
-            except queue.Empty:
-                pass
             remaining = deadline - time.monotonic()
             if urgent or len(batch) >= s.batch_size or remaining <= 0:
                 break

@@ -168,30 +168,26 @@ def test_gateway_refuses_what_the_broker_would_have_let_through(ingest) -> None:
     assert worker.stop() == 0
 
 
-def test_an_event_flushes_its_batch_at_once(ingest) -> None:
-    """With a 4 s batch delay, readings wait; a fall event takes them along at once."""
+@pytest.mark.parametrize(
+    ("channel", "urgent"),
+    [
+        ("events", {"msg_id": "urgent-1", "event": "fall_detected"}),
+        ("telemetry", {"msg_id": "urgent-1", "metrics": {"spo2": 82}}),
+    ],
+    ids=["fall_event", "emergency_reading"],
+)
+def test_an_event_or_emergency_reading_flushes_its_batch_at_once(ingest, channel: str, urgent: dict) -> None:
+    """With a 4 s batch delay, readings wait; an urgent message takes them along at once."""
     worker = ingest.worker(ELDERCARE_BATCH_MAX_DELAY_MS="4000", ELDERCARE_BATCH_SIZE="5000").start()
     [dev] = ingest.devices(1)
     ingest.wait_until_subscribed(worker, dev)
     now = int(time.time() * 1000)
-    dev.publish("telemetry", {"msg_id": "slow-1", "ts": now, "metrics": {"heart_rate": 72}}).wait_for_publish(
-        5
-    )
+    dev.publish("telemetry", {"msg_id": "slow-1", "ts": now, "metrics": {"spo2": 96}}).wait_for_publish(5)
     never(lambda: stored_ids(ingest, "slow-1"), 1.0, "a reading stored before its batch was due")
-    dev.publish("events", {"msg_id": "fall-1", "ts": now, "event": "fall_detected"}).wait_for_publish(5)
-    wait_for(lambda: stored_ids(ingest, "slow-1", "fall-1") == 2, 3, "the event and the reading before it")
-    assert worker.stop() == 0
-
-
-def test_an_emergency_reading_flushes_its_batch_at_once(ingest) -> None:
-    worker = ingest.worker(ELDERCARE_BATCH_MAX_DELAY_MS="4000", ELDERCARE_BATCH_SIZE="5000").start()
-    [dev] = ingest.devices(1)
-    ingest.wait_until_subscribed(worker, dev)
-    now = int(time.time() * 1000)
-    dev.publish("telemetry", {"msg_id": "ok-1", "ts": now, "metrics": {"spo2": 96}}).wait_for_publish(5)
-    never(lambda: stored_ids(ingest, "ok-1"), 1.0, "a reading stored before its batch was due")
-    dev.publish("telemetry", {"msg_id": "low-1", "ts": now, "metrics": {"spo2": 82}}).wait_for_publish(5)
-    wait_for(lambda: stored_ids(ingest, "ok-1", "low-1") == 2, 3, "the emergency reading")
+    dev.publish(channel, {**urgent, "ts": now}).wait_for_publish(5)
+    wait_for(
+        lambda: stored_ids(ingest, "slow-1", "urgent-1") == 2, 3, "the urgent message and the one before it"
+    )
     assert worker.stop() == 0
 
 
