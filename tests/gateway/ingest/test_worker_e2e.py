@@ -261,7 +261,7 @@ def test_store_connections_killed_mid_stream_lose_nothing(ingest) -> None:
     probe = ingest.wait_until_subscribed(worker, devices[0])
     publisher = Publisher(devices, n, rate=1_500)
     publisher.start()
-    database = ingest.db_url.rsplit("/", 1)[1].split("?")[0]
+    database = psycopg.conninfo.conninfo_to_dict(ingest.db_url)["dbname"]  # TCP and socket URLs alike
     for _ in range(3):
         time.sleep(0.4)
         scalar(

@@ -1,4 +1,9 @@
-"""Local fixtures of the store tests: a fresh database per test, plain or TimescaleDB."""
+"""Local fixtures of the store tests: a fresh database per test, plain or TimescaleDB.
+
+The plain server is the session's PostgreSQL (``pg_admin_url`` in tests/conftest.py: the
+environment's, a local one, Docker or the embedded one); TimescaleDB comes from
+ELDERCARE_TEST_TIMESCALE_URL only.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +18,6 @@ from psycopg.conninfo import make_conninfo
 
 from eldercare.gateway.store.migrate import migrate
 
-PLAIN_ADMIN_URL = os.environ.get(
-    "ELDERCARE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
 TIMESCALE_ADMIN_URL = os.environ.get("ELDERCARE_TEST_TIMESCALE_URL", "")
 TIMESCALE_SKIP_REASON = (
     "TimescaleDB extension not available on this server (run with "
@@ -37,9 +39,9 @@ def _database(admin_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def fresh_db() -> Iterator[str]:
-    """Conninfo of a new, empty database on the plain PostgreSQL server (dropped after)."""
-    with _database(PLAIN_ADMIN_URL) as url:
+def fresh_db(pg_admin_url: str) -> Iterator[str]:
+    """Conninfo of a new, empty database on the session's PostgreSQL server (dropped after)."""
+    with _database(pg_admin_url) as url:
         yield url
 
 
@@ -54,7 +56,9 @@ def plain_db(fresh_db: str) -> str:
 def store_db(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     """(flavour, conninfo) of a new migrated store, once per flavour; TimescaleDB may skip."""
     if request.param == "plain":
-        with _database(PLAIN_ADMIN_URL) as url:
+        # Asked for here, not as a parameter: the TimescaleDB case needs no plain server.
+        admin_url = request.getfixturevalue("pg_admin_url")
+        with _database(admin_url) as url:
             migrate(url, flavour="plain")
             yield "plain", url
         return
