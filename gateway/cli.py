@@ -68,11 +68,16 @@ def database_url(s: Settings) -> str:
 @app.command(epilog=EPILOG)
 def migrate() -> None:
     """Apply pending schema migrations (idempotent; safe when several processes start at once)."""
+    from eldercare.gateway.store.migrate import MigrationError
     from eldercare.gateway.store.migrate import migrate as apply
 
     s = settings()
     url = database_url(s)
-    applied = apply(url)
+    try:
+        applied = apply(url, flavour=s.store_flavour)
+    except MigrationError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
     if applied:
         out.print(f"applied {len(applied)} migration(s): {', '.join(applied)}")
     else:

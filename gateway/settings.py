@@ -29,6 +29,8 @@ Settings (environment variables, or a .env file in the working folder):
   ELDERCARE_LOG_LEVEL           DEBUG, INFO, WARNING, ERROR (default INFO)
   ELDERCARE_LOG_FORMAT          json (default) or console
   ELDERCARE_BUFFER_HORIZON_DAYS readings older than this are rejected too_old (default 30)
+  ELDERCARE_STORE_FLAVOUR       auto (default: TimescaleDB when it can be created, else
+                                plain), plain or timescale; decided at the first migrate
   ELDERCARE_RETENTION_OBSERVATIONS_DAYS   (default 730)
   ELDERCARE_RETENTION_DEAD_LETTERS_DAYS   (default 90)
   ELDERCARE_DATA_DIR            where embedded services keep their data (default ./.eldercare)
@@ -77,6 +79,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     buffer_horizon_days: int = Field(30, ge=1)
+    store_flavour: Literal["auto", "plain", "timescale"] = "auto"
     retention_observations_days: int = Field(730, ge=1)
     retention_dead_letters_days: int = Field(90, ge=1)
     data_dir: str = ".eldercare"

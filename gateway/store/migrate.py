@@ -2,9 +2,10 @@
 
 File names: ``NNNN_name.sql`` applies on every store; ``NNNN_name.timescale.sql`` and
 ``NNNN_name.plain.sql`` are the two variants of one version, picked by the store's flavour.
-The flavour is decided once, when the first variant migration is applied ('timescale' when the
-``timescaledb`` extension is available on the server, else 'plain'), and is read back from
-``store_info`` ever after. Each migration runs in its own transaction and is recorded in
+The flavour is decided once, when the first variant migration is applied, from the setting
+``ELDERCARE_STORE_FLAVOUR`` (``auto``: 'timescale' when ``CREATE EXTENSION timescaledb`` can
+actually succeed on the server, tried in a transaction that is rolled back, else 'plain'), and
+is read back from ``store_info`` ever after. Each migration runs in its own transaction and is recorded in
 ``schema_migrations`` with the checksum of the file applied; an edited, already-applied file
 is refused. A session-level advisory lock serialises concurrent runners.
 """
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 Flavour = Literal["timescale", "plain"]
 FLAVOURS: tuple[Flavour, ...] = ("timescale", "plain")
+#: What ``ELDERCARE_STORE_FLAVOUR`` may say: a flavour, or ``auto`` (decide from the server).
+FlavourChoice = Literal["auto", "timescale", "plain"]
 
 #: pg_advisory_lock key held while migrating ("eldercar" in ASCII).
 MIGRATE_LOCK_KEY = 0x656C_6465_7263_6172
@@ -46,6 +49,54 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 class MigrationError(RuntimeError):
     """The migrations cannot be applied as they are (bad files, edited history, wrong flavour)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TimescaleProbe:
+    """What the server says about TimescaleDB: listed as available, and can it be created.
+
+    ``create_error`` is the server's message when ``CREATE EXTENSION timescaledb`` failed
+    (e.g. "extension "timescaledb" must be preloaded"), None when it succeeded.
+    """
+
+    available: bool
+    create_error: str | None = None
+
+    @property
+    def creatable(self) -> bool:
+        """True when the extension exists on the server and creating it succeeded."""
+        return self.available and self.create_error is None
+
+
+def choose_flavour(choice: FlavourChoice, probe: TimescaleProbe) -> tuple[Flavour, str | None]:
+    """The flavour of a fresh store for the setting ``choice``: (flavour, warning or None).
+
+    ``auto`` takes TimescaleDB only when it can be created; an extension that is installed
+    but cannot be created (not preloaded, no privilege) gives 'plain' and a warning saying
+    why. An explicit 'timescale' that cannot be had is a MigrationError of one line.
+    """
+    if choice == "plain":
+        return "plain", None
+    if choice not in ("auto", "timescale"):
+        raise MigrationError(f"store flavour must be auto, plain or timescale, got {choice!r}")
+    if probe.creatable:
+        return "timescale", None
+    if not probe.available:
+        why = "the timescaledb extension is not installed on this PostgreSQL server"
+    else:
+        why = f"the timescaledb extension is installed but cannot be created ({probe.create_error})"
+    if choice == "timescale":
+        raise MigrationError(
+            f"ELDERCARE_STORE_FLAVOUR=timescale, but {why}; add timescaledb to "
+            "shared_preload_libraries and restart PostgreSQL, or set ELDERCARE_STORE_FLAVOUR=plain"
+        )
+    if not probe.available:
+        return "plain", None  # the ordinary plain server: nothing to warn about
+    return "plain", (
+        f"using the plain PostgreSQL store: {why}; to use TimescaleDB, add timescaledb to "
+        "shared_preload_libraries and restart PostgreSQL before the first migrate "
+        "(ELDERCARE_STORE_FLAVOUR=plain silences this)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,15 +171,17 @@ def load_migrations(source: Traversable | Path | None = None) -> list[Migration]
 def migrate(
     conninfo: str,
     *,
-    flavour: Flavour | None = None,
+    flavour: FlavourChoice | None = None,
     source: Traversable | Path | None = None,
 ) -> list[str]:
     """Apply pending migrations under an advisory lock; return the versions applied.
 
-    ``flavour`` forces the store flavour on a fresh store (default: detect); on a store that
-    already has one, a different value is an error. ``source`` replaces the packaged folder
-    (tests).
+    ``flavour`` is the setting ``ELDERCARE_STORE_FLAVOUR`` (None: 'auto', see
+    ``choose_flavour``). On a store that already has a flavour, an explicit different one is
+    an error. ``source`` replaces the packaged folder (tests).
     """
+    if flavour == "auto":
+        flavour = None
     migrations = load_migrations(source)
     with psycopg.connect(conninfo, autocommit=True) as conn:
         # Held for the session (closing the connection releases it, also on errors): a
@@ -142,8 +195,12 @@ def migrate(
             raise MigrationError(f"this store is {stored!r}; it cannot be migrated as {flavour!r}")
         chosen: Flavour | None = stored or flavour
         pending = [m for m in migrations if m.version not in applied]
-        if chosen is None and any(m.has_variants for m in pending):
-            chosen = _detect_flavour(conn)
+        if stored is None and any(m.has_variants for m in pending):
+            # 'plain' needs nothing from the server: no probe.
+            probe = TimescaleProbe(available=False) if flavour == "plain" else probe_timescale(conn)
+            chosen, warning = choose_flavour(flavour or "auto", probe)
+            if warning:
+                log.warning(warning)
             log.info("store flavour decided", extra={"flavour": chosen})
         if chosen == "timescale" and pending:
             _create_timescaledb(conn)
@@ -271,11 +328,23 @@ def _stored_flavour(conn: psycopg.Connection) -> Flavour | None:
     return row[0]
 
 
-def _detect_flavour(conn: psycopg.Connection) -> Flavour:
+def probe_timescale(conn: psycopg.Connection) -> TimescaleProbe:
+    """Ask the server whether TimescaleDB can be had: try ``CREATE EXTENSION``, then roll back.
+
+    Being listed in ``pg_available_extensions`` is not enough: an extension installed but not
+    in ``shared_preload_libraries`` is listed, and creating it fails.
+    """
     row = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
     ).fetchone()
-    return "timescale" if row and row[0] else "plain"
+    if not (row and row[0]):
+        return TimescaleProbe(available=False)
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+    except psycopg.Error as exc:
+        return TimescaleProbe(available=True, create_error=exc.diag.message_primary or str(exc))
+    return TimescaleProbe(available=True)
 
 
 def _create_timescaledb(conn: psycopg.Connection) -> None:

@@ -8,9 +8,20 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from eldercare.gateway.store.maintenance import partition_name, week_start
-from eldercare.gateway.store.migrate import MigrationError, load_migrations, migrate, status
+from eldercare.gateway.store.migrate import (
+    MigrationError,
+    TimescaleProbe,
+    choose_flavour,
+    load_migrations,
+    migrate,
+    probe_timescale,
+    status,
+)
+
+NOT_PRELOADED = 'extension "timescaledb" must be preloaded'
 
 
 def _applied(url: str) -> list[tuple[str, str, str | None]]:
@@ -163,3 +174,109 @@ def test_migrate_creates_the_partitions_of_the_current_weeks(plain_db: str) -> N
         }
     assert this_week in names
     assert "observations_default" in names
+
+
+@pytest.mark.parametrize(
+    ("choice", "probe", "flavour", "warns"),
+    [
+        ("auto", TimescaleProbe(available=True), "timescale", False),
+        ("auto", TimescaleProbe(available=False), "plain", False),
+        ("auto", TimescaleProbe(available=True, create_error=NOT_PRELOADED), "plain", True),
+        ("plain", TimescaleProbe(available=True), "plain", False),
+        ("plain", TimescaleProbe(available=True, create_error=NOT_PRELOADED), "plain", False),
+        ("timescale", TimescaleProbe(available=True), "timescale", False),
+    ],
+)
+def test_the_flavour_follows_the_setting_and_what_the_server_can_create(
+    choice: str, probe: TimescaleProbe, flavour: str, warns: bool
+) -> None:
+    chosen, warning = choose_flavour(choice, probe)  # type: ignore[arg-type]
+    assert chosen == flavour
+    assert (warning is not None) == warns
+    if warning:
+        # One line that says why and what to do.
+        assert "\n" not in warning and "must be preloaded" in warning
+        assert "shared_preload_libraries" in warning
+
+
+@pytest.mark.parametrize(
+    ("probe", "why"),
+    [
+        (TimescaleProbe(available=False), "not installed"),
+        (TimescaleProbe(available=True, create_error=NOT_PRELOADED), "must be preloaded"),
+    ],
+)
+def test_an_explicit_timescale_the_server_cannot_give_is_one_clear_line(
+    probe: TimescaleProbe, why: str
+) -> None:
+    with pytest.raises(MigrationError, match=why) as caught:
+        choose_flavour("timescale", probe)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "ELDERCARE_STORE_FLAVOUR=plain" in message and "shared_preload_libraries" in message
+
+
+def test_an_unknown_flavour_setting_is_refused() -> None:
+    with pytest.raises(MigrationError, match="auto, plain or timescale"):
+        choose_flavour("timescaledb", TimescaleProbe(available=False))  # type: ignore[arg-type]
+
+
+def test_the_probe_reports_what_this_server_can_create(fresh_db: str) -> None:
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        available = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
+        ).fetchone()
+        probe = probe_timescale(conn)
+        assert probe.available == (available == (True,))
+        # Whatever it found, it leaves nothing behind.
+        assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'").fetchone() == (
+            0,
+        )
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_migrate_auto_on_a_server_without_timescaledb_makes_a_plain_store(fresh_db: str) -> None:
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        if probe_timescale(conn).creatable:
+            pytest.skip("this server can create TimescaleDB")
+    assert migrate(fresh_db, flavour="auto") == ["0001", "0002"]
+    assert _applied(fresh_db)[1] == ("0002", "timeseries", "plain")
+
+
+def test_migrate_as_timescale_where_it_cannot_be_created_fails_before_applying_anything(
+    fresh_db: str,
+) -> None:
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        if probe_timescale(conn).creatable:
+            pytest.skip("this server can create TimescaleDB")
+    with pytest.raises(MigrationError, match="ELDERCARE_STORE_FLAVOUR=timescale, but"):
+        migrate(fresh_db, flavour="timescale")
+    assert _applied(fresh_db) == []
+
+
+def test_eldercare_migrate_with_an_impossible_flavour_says_so_in_one_line(
+    fresh_db: str, pg_admin_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from eldercare.gateway.cli import app
+    from eldercare.gateway.services import database_url
+
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        if probe_timescale(conn).creatable:
+            pytest.skip("this server can create TimescaleDB")
+    monkeypatch.chdir(tmp_path)  # no stray .env file
+    monkeypatch.setenv(
+        "ELDERCARE_DATABASE_URL", database_url(pg_admin_url, conninfo_to_dict(fresh_db)["dbname"])
+    )
+    monkeypatch.setenv("ELDERCARE_STORE_FLAVOUR", "timescale")
+    result = CliRunner().invoke(app, ["migrate"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert "ELDERCARE_STORE_FLAVOUR=timescale" in result.output
+
+    monkeypatch.setenv("ELDERCARE_STORE_FLAVOUR", "plain")
+    result = CliRunner().invoke(app, ["migrate"])
+    assert result.exit_code == 0, result.output
+    assert _applied(fresh_db)[1] == ("0002", "timeseries", "plain")
