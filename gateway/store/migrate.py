@@ -197,7 +197,7 @@ def migrate(
         pending = [m for m in migrations if m.version not in applied]
         if stored is None and any(m.has_variants for m in pending):
             # 'plain' needs nothing from the server: no probe.
-            probe = TimescaleProbe(available=False) if flavour == "plain" else probe_timescale(conn)
+            probe = TimescaleProbe(available=False) if flavour == "plain" else probe_timescale(conninfo)
             chosen, warning = choose_flavour(flavour or "auto", probe)
             if warning:
                 log.warning(warning)
@@ -328,22 +328,24 @@ def _stored_flavour(conn: psycopg.Connection) -> Flavour | None:
     return row[0]
 
 
-def probe_timescale(conn: psycopg.Connection) -> TimescaleProbe:
+def probe_timescale(conninfo: str) -> TimescaleProbe:
     """Ask the server whether TimescaleDB can be had: try ``CREATE EXTENSION``, then roll back.
 
     Being listed in ``pg_available_extensions`` is not enough: an extension installed but not
-    in ``shared_preload_libraries`` is listed, and creating it fails.
+    in ``shared_preload_libraries`` is listed, and creating it fails. It fails with FATAL,
+    which ends the session, so the probe has a connection of its own.
     """
-    row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
-    ).fetchone()
-    if not (row and row[0]):
-        return TimescaleProbe(available=False)
-    try:
-        with conn.transaction(force_rollback=True):
-            conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-    except psycopg.Error as exc:
-        return TimescaleProbe(available=True, create_error=exc.diag.message_primary or str(exc))
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
+        ).fetchone()
+        if not (row and row[0]):
+            return TimescaleProbe(available=False)
+        try:
+            with conn.transaction(force_rollback=True):
+                conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        except psycopg.Error as exc:
+            return TimescaleProbe(available=True, create_error=exc.diag.message_primary or str(exc))
     return TimescaleProbe(available=True)
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from eldercare.gateway.store.maintenance import partition_name, week_start
 from eldercare.gateway.store.migrate import (
@@ -22,6 +26,8 @@ from eldercare.gateway.store.migrate import (
 )
 
 NOT_PRELOADED = 'extension "timescaledb" must be preloaded'
+#: Admin URL of a server where TimescaleDB is installed but not in shared_preload_libraries.
+UNLOADED_ADMIN_URL = os.environ.get("ELDERCARE_TEST_TIMESCALE_UNLOADED_URL", "")
 
 
 def _applied(url: str) -> list[tuple[str, str, str | None]]:
@@ -226,7 +232,7 @@ def test_the_probe_reports_what_this_server_can_create(fresh_db: str) -> None:
         available = conn.execute(
             "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb')"
         ).fetchone()
-        probe = probe_timescale(conn)
+        probe = probe_timescale(fresh_db)
         assert probe.available == (available == (True,))
         # Whatever it found, it leaves nothing behind.
         assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'").fetchone() == (
@@ -236,9 +242,8 @@ def test_the_probe_reports_what_this_server_can_create(fresh_db: str) -> None:
 
 
 def test_migrate_auto_on_a_server_without_timescaledb_makes_a_plain_store(fresh_db: str) -> None:
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
-        if probe_timescale(conn).creatable:
-            pytest.skip("this server can create TimescaleDB")
+    if probe_timescale(fresh_db).creatable:
+        pytest.skip("this server can create TimescaleDB")
     assert migrate(fresh_db, flavour="auto") == ["0001", "0002"]
     assert _applied(fresh_db)[1] == ("0002", "timeseries", "plain")
 
@@ -246,9 +251,8 @@ def test_migrate_auto_on_a_server_without_timescaledb_makes_a_plain_store(fresh_
 def test_migrate_as_timescale_where_it_cannot_be_created_fails_before_applying_anything(
     fresh_db: str,
 ) -> None:
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
-        if probe_timescale(conn).creatable:
-            pytest.skip("this server can create TimescaleDB")
+    if probe_timescale(fresh_db).creatable:
+        pytest.skip("this server can create TimescaleDB")
     with pytest.raises(MigrationError, match="ELDERCARE_STORE_FLAVOUR=timescale, but"):
         migrate(fresh_db, flavour="timescale")
     assert _applied(fresh_db) == []
@@ -262,9 +266,8 @@ def test_eldercare_migrate_with_an_impossible_flavour_says_so_in_one_line(
     from eldercare.gateway.cli import app
     from eldercare.gateway.services import database_url
 
-    with psycopg.connect(fresh_db, autocommit=True) as conn:
-        if probe_timescale(conn).creatable:
-            pytest.skip("this server can create TimescaleDB")
+    if probe_timescale(fresh_db).creatable:
+        pytest.skip("this server can create TimescaleDB")
     monkeypatch.chdir(tmp_path)  # no stray .env file
     monkeypatch.setenv(
         "ELDERCARE_DATABASE_URL", database_url(pg_admin_url, conninfo_to_dict(fresh_db)["dbname"])
@@ -280,3 +283,39 @@ def test_eldercare_migrate_with_an_impossible_flavour_says_so_in_one_line(
     result = CliRunner().invoke(app, ["migrate"])
     assert result.exit_code == 0, result.output
     assert _applied(fresh_db)[1] == ("0002", "timeseries", "plain")
+
+
+@pytest.fixture
+def unloaded_db() -> Iterator[str]:
+    """A new database on a server with TimescaleDB installed but not preloaded (else skip)."""
+    if not UNLOADED_ADMIN_URL:
+        pytest.skip(
+            "set ELDERCARE_TEST_TIMESCALE_UNLOADED_URL to a server with TimescaleDB installed"
+            " but not in shared_preload_libraries"
+        )
+    name = f"eldercare_store_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(UNLOADED_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_conninfo(UNLOADED_ADMIN_URL, dbname=name)
+    finally:
+        with psycopg.connect(UNLOADED_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_timescaledb_installed_but_not_preloaded_gives_a_plain_store_and_one_warning(
+    unloaded_db: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    probe = probe_timescale(unloaded_db)
+    assert probe.available and not probe.creatable
+    assert probe.create_error is not None and "preloaded" in probe.create_error
+
+    with pytest.raises(MigrationError, match="must be preloaded"):
+        migrate(unloaded_db, flavour="timescale")
+    assert _applied(unloaded_db) == []
+
+    with caplog.at_level(logging.WARNING, logger="eldercare.gateway.store.migrate"):
+        assert migrate(unloaded_db) == ["0001", "0002"]
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "must be preloaded" in warnings[0].getMessage()
+    assert _applied(unloaded_db)[1] == ("0002", "timeseries", "plain")
