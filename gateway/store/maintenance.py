@@ -10,7 +10,8 @@ Plain PostgreSQL path:
   partition for a week being created are moved into it in the same transaction;
 - partitions wholly older than the retention period are dropped, together with the rollup
   buckets, dirty marks and DEFAULT-partition rows before the oldest kept week;
-- rollups of the days listed in ``rollup_dirty`` are recomputed (see ``refresh_rollups``).
+- rollups of the (elder, metric, hour) marks in ``rollup_dirty_hours`` are recomputed (see
+  ``refresh_rollups``).
 TimescaleDB path: policies do partitions, compression, retention and aggregates; this job only
 keeps the retention policies in line with the settings.
 Both paths: ``message_receipts`` older than the buffer horizon + 1 day and ``dead_letters``
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 from psycopg import sql
@@ -54,7 +55,7 @@ class MaintenanceReport:
     rows_moved: int = 0
     partitions_dropped: list[str] = field(default_factory=list)
     expired_rows_deleted: int = 0
-    days_refreshed: list[date] = field(default_factory=list)
+    hours_refreshed: int = 0
     receipts_deleted: int = 0
     dead_letters_deleted: int = 0
     retention_policies_set: list[str] = field(default_factory=list)
@@ -99,7 +100,7 @@ def run_maintenance(
         report.partitions_dropped, report.expired_rows_deleted = drop_expired_partitions(
             conn, now, retention_days=retention_observations_days
         )
-        report.days_refreshed = refresh_rollups(conn)
+        report.hours_refreshed = refresh_rollups(conn)
     elif flavour == "timescale":
         report.retention_policies_set = sync_retention_policies(
             conn, retention_days=retention_observations_days
@@ -114,7 +115,7 @@ def run_maintenance(
         (
             report.partitions_created,
             report.partitions_dropped,
-            report.days_refreshed,
+            report.hours_refreshed,
             report.receipts_deleted,
             report.dead_letters_deleted,
             report.retention_policies_set,
@@ -129,7 +130,7 @@ def run_maintenance(
             "partitions_created": len(report.partitions_created),
             "rows_moved": report.rows_moved,
             "partitions_dropped": len(report.partitions_dropped),
-            "days_refreshed": len(report.days_refreshed),
+            "hours_refreshed": report.hours_refreshed,
             "receipts_deleted": report.receipts_deleted,
             "dead_letters_deleted": report.dead_letters_deleted,
         },
@@ -244,49 +245,58 @@ def drop_expired_partitions(
                 (keep_from,),
             )
             deleted += cur.rowcount
-        for marks in ("rollup_dirty", "rollup_pending"):
+        for marks in ("rollup_dirty_hours", "rollup_pending_hours"):
             conn.execute(
-                sql.SQL("DELETE FROM {} WHERE day < %s").format(sql.Identifier(marks)),
-                (keep_from.date(),),
+                sql.SQL("DELETE FROM {} WHERE hour < %s").format(sql.Identifier(marks)),
+                (keep_from,),
             )
     if dropped:
         log.info("expired partitions dropped", extra={"count": len(dropped)})
     return dropped, deleted
 
 
-def refresh_rollups(conn: psycopg.Connection) -> list[date]:
-    """Recompute the 1m/1h/1d rollups of every dirty day; return the days recomputed.
+def refresh_rollups(conn: psycopg.Connection) -> int:
+    """Recompute the 1m/1h/1d rollups of every marked (elder, metric, hour); return how many.
 
-    Why two steps. The writer marks a day dirty with ``INSERT .. ON CONFLICT DO NOTHING`` in
-    the transaction holding its rows; DO NOTHING takes no row lock, so a plain "delete the
-    mark, recompute" could delete a mark whose writer has not committed yet, and the rows of
-    that writer would never reach the rollups. So:
-    1. claim: a short transaction takes ``SHARE`` on ``rollup_dirty`` (waits for every writer
-       that has inserted a mark to commit, and holds new marks back for a moment), then moves
-       all marks to ``rollup_pending``. A writer whose mark arrives after this commits marks
-       its day again, so it is recomputed by a later run.
-    2. recompute: one transaction per run rebuilds each pending day (1m from raw rows, 1h from
-       1m, 1d from 1h: exact, as min/max/sum/count compose) and deletes its pending mark.
-    Series queries treat days in either table as dirty and read them from raw rows, so answers
-    are exact at every moment; a crash between the steps leaves the days pending, not lost.
+    The cost follows what changed: the raw rows of the marked hours of those elders and
+    metrics, read through the (elder_id, metric, time) index, and the rollup rows above them.
+
+    Why two steps. The trigger on ``observations`` marks an hour with ``INSERT .. ON CONFLICT
+    DO NOTHING`` in the transaction holding the rows; DO NOTHING takes no row lock, so a plain
+    "delete the mark, recompute" could delete a mark whose writer has not committed yet, and the
+    rows of that writer would never reach the rollups. So:
+    1. claim: a short transaction takes ``SHARE`` on ``rollup_dirty_hours`` (waits for every
+       writer that has inserted a mark to commit, and holds new marks back for a moment), then
+       moves all marks to ``rollup_pending_hours``. A writer whose mark arrives after this
+       commits marks its hour again, so it is recomputed by a later run.
+    2. recompute: one transaction per run rebuilds each pending hour (1m from raw rows, 1h from
+       1m), then each day holding one (1d from 1h: exact, as min/max/sum/count compose), and
+       deletes the pending marks.
+    Series queries read marked hours in either table from raw rows, so answers are exact at
+    every moment; a crash between the steps leaves the hours pending, not lost.
     """
     with conn.transaction():
         _lock(conn)
-        conn.execute("LOCK TABLE rollup_dirty IN SHARE MODE")
+        conn.execute("LOCK TABLE rollup_dirty_hours IN SHARE MODE")
         conn.execute(
-            "WITH claimed AS (DELETE FROM rollup_dirty RETURNING day)"
-            " INSERT INTO rollup_pending (day) SELECT day FROM claimed ON CONFLICT DO NOTHING"
+            "WITH claimed AS (DELETE FROM rollup_dirty_hours RETURNING elder_id, metric, hour)"
+            " INSERT INTO rollup_pending_hours (elder_id, metric, hour)"
+            " SELECT elder_id, metric, hour FROM claimed ON CONFLICT DO NOTHING"
         )
+        # The day marks of the 0002 schema, which the ingest writer may still write: the
+        # trigger's hour marks cover the same rows.
+        conn.execute("DELETE FROM rollup_dirty")
     with conn.transaction():
         _lock(conn)
-        days = [r[0] for r in conn.execute("SELECT day FROM rollup_pending ORDER BY day")]
-        for day in days:
-            _recompute_day(conn, day)
-        if days:
-            conn.execute("DELETE FROM rollup_pending WHERE day = ANY(%s)", (days,))
-    if days:
-        log.info("rollups refreshed", extra={"days": len(days)})
-    return days
+        row = conn.execute("SELECT count(*), min(hour), max(hour) FROM rollup_pending_hours").fetchone()
+        assert row is not None
+        count, first, last = row
+        if count:
+            _recompute_hours(conn, first, last + timedelta(hours=1))
+            conn.execute("DELETE FROM rollup_pending_hours")
+    if count:
+        log.info("rollups refreshed", extra={"hours": count})
+    return int(count)
 
 
 def sync_retention_policies(conn: psycopg.Connection, *, retention_days: int = 730) -> list[str]:
@@ -350,36 +360,61 @@ def delete_old_rows(
     return receipts, dead
 
 
-def _recompute_day(conn: psycopg.Connection, day: date) -> None:
-    lo = datetime.combine(day, time(0), tzinfo=UTC)
-    hi = lo + timedelta(days=1)
-    for rollup in ROLLUP_TABLES:
+def _recompute_hours(conn: psycopg.Connection, lo: datetime, hi: datetime) -> None:
+    """Rebuild the rollups of the marks in ``rollup_pending_hours`` (all within ``[lo, hi)``)."""
+    # Planner statistics of the marks, so that few marks are joined by index lookups and many
+    # by a scan; the constant bounds prune the partitions outside [lo, hi).
+    conn.execute("ANALYZE rollup_pending_hours")
+    params = {"origin": BUCKET_ORIGIN, "lo": lo, "hi": hi}
+    for rollup in ("observations_1m", "observations_1h"):
         conn.execute(
-            sql.SQL("DELETE FROM {} WHERE bucket >= %s AND bucket < %s").format(sql.Identifier(rollup)),
-            (lo, hi),
+            sql.SQL(
+                "DELETE FROM {} r USING rollup_pending_hours p"
+                " WHERE r.elder_id = p.elder_id AND r.metric = p.metric"
+                " AND r.bucket >= p.hour AND r.bucket < p.hour + interval '1 hour'"
+                " AND r.bucket >= %(lo)s AND r.bucket < %(hi)s"
+            ).format(sql.Identifier(rollup)),
+            params,
         )
     conn.execute(
         "INSERT INTO observations_1m (bucket, elder_id, metric, min, max, sum, count)"
-        " SELECT date_bin('1 minute', time, %(origin)s), elder_id, metric,"
-        "        min(value), max(value), sum(value), count(*)"
-        " FROM observations"
-        " WHERE time >= %(lo)s AND time < %(hi)s AND elder_id IS NOT NULL"
+        " SELECT date_bin('1 minute', o.time, %(origin)s), o.elder_id, o.metric,"
+        "        min(o.value), max(o.value), sum(o.value), count(*)"
+        " FROM rollup_pending_hours p JOIN observations o"
+        "   ON o.elder_id = p.elder_id AND o.metric = p.metric"
+        "  AND o.time >= p.hour AND o.time < p.hour + interval '1 hour'"
+        " WHERE o.time >= %(lo)s AND o.time < %(hi)s"
         " GROUP BY 1, 2, 3",
-        {"origin": BUCKET_ORIGIN, "lo": lo, "hi": hi},
+        params,
     )
-    for target, source, width in (
-        ("observations_1h", "observations_1m", "1 hour"),
-        ("observations_1d", "observations_1h", "1 day"),
-    ):
-        conn.execute(
-            sql.SQL(
-                "INSERT INTO {} (bucket, elder_id, metric, min, max, sum, count)"
-                " SELECT date_bin({}::interval, bucket, %(origin)s), elder_id, metric,"
-                "        min(min), max(max), sum(sum), sum(count)::bigint"
-                " FROM {} WHERE bucket >= %(lo)s AND bucket < %(hi)s GROUP BY 1, 2, 3"
-            ).format(sql.Identifier(target), sql.Literal(width), sql.Identifier(source)),
-            {"origin": BUCKET_ORIGIN, "lo": lo, "hi": hi},
-        )
+    conn.execute(
+        "INSERT INTO observations_1h (bucket, elder_id, metric, min, max, sum, count)"
+        " SELECT p.hour, p.elder_id, p.metric, min(r.min), max(r.max), sum(r.sum), sum(r.count)::bigint"
+        " FROM rollup_pending_hours p JOIN observations_1m r"
+        "   ON r.elder_id = p.elder_id AND r.metric = p.metric"
+        "  AND r.bucket >= p.hour AND r.bucket < p.hour + interval '1 hour'"
+        " WHERE r.bucket >= %(lo)s AND r.bucket < %(hi)s"
+        " GROUP BY 1, 2, 3",
+        params,
+    )
+    days = (
+        "WITH days AS (SELECT DISTINCT elder_id, metric, date_bin('1 day', hour, %(origin)s) AS day"
+        " FROM rollup_pending_hours)"
+    )
+    conn.execute(
+        days + " DELETE FROM observations_1d r USING days d"
+        " WHERE r.elder_id = d.elder_id AND r.metric = d.metric AND r.bucket = d.day",
+        params,
+    )
+    conn.execute(
+        days + " INSERT INTO observations_1d (bucket, elder_id, metric, min, max, sum, count)"
+        " SELECT d.day, d.elder_id, d.metric, min(r.min), max(r.max), sum(r.sum), sum(r.count)::bigint"
+        " FROM days d JOIN observations_1h r"
+        "   ON r.elder_id = d.elder_id AND r.metric = d.metric"
+        "  AND r.bucket >= d.day AND r.bucket < d.day + interval '1 day'"
+        " GROUP BY 1, 2, 3",
+        params,
+    )
 
 
 def _partitions(conn: psycopg.Connection, table: str) -> dict[str, datetime]:

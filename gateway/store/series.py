@@ -5,26 +5,37 @@ end``, grouped into buckets of the requested width aligned on UTC (origin 2000-0
 as ``date_bin``); a bucket cut by ``start`` or ``end`` holds only the rows inside the range
 and is labelled with its full bucket start. Buckets without rows are absent.
 
-How: full buckets of the largest rollup width (1 min, 1 h, 1 day) that divides the requested
-width come from the rollups (``observations_1m/_1h/_1d``: tables on plain PostgreSQL,
-real-time continuous aggregates on TimescaleDB); the cut edges, and on plain PostgreSQL every
-day still listed in ``rollup_dirty`` / ``rollup_pending``, come from raw rows, in the same
-query. So the answer is exact before, during and after the rollup refresh job.
+How: the range is cut into pieces (``plan_pieces``, a pure function): every stretch that whole,
+clean buckets of a rollup (``observations_1d/_1h/_1m``, widest first, of a width dividing the
+requested one) can cover comes from that rollup; the rest (the cut edges and the hours whose
+rollups are stale) comes from raw rows. All pieces go into one query with constant time
+bounds, so the planner prunes partitions (chunks) and reads only the index entries of that
+elder and metric inside them: the cost follows what is asked, not what is stored.
+
+Stale hours: on plain PostgreSQL, the (elder, metric, hour) marks in ``rollup_dirty_hours`` /
+``rollup_pending_hours`` (written by a trigger with the rows, cleared by the refresh); on
+TimescaleDB, the ranges TimescaleDB itself has logged as invalid and not yet re-materialised,
+and everything past the aggregate's watermark. So the answer is exact before, during and after
+a refresh, late data included.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
 
 from eldercare.gateway.store.maintenance import BUCKET_ORIGIN
+from eldercare.gateway.store.timescale import STALE_SPANS
 
 BucketName = Literal["1m", "1h", "1d"]
+Span = tuple[datetime, datetime]
 
 #: Rollup relations by width, widest first.
 ROLLUPS: tuple[tuple[timedelta, str], ...] = (
@@ -32,7 +43,11 @@ ROLLUPS: tuple[tuple[timedelta, str], ...] = (
     (timedelta(hours=1), "observations_1h"),
     (timedelta(minutes=1), "observations_1m"),
 )
+RAW = "observations"
+HOUR = timedelta(hours=1)
 _NAMED: dict[str, timedelta] = {"1m": timedelta(minutes=1), "1h": timedelta(hours=1), "1d": timedelta(days=1)}
+
+_SNAPSHOT = sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
 _flavours: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
@@ -66,6 +81,39 @@ def bucket_floor(t: datetime, width: timedelta) -> datetime:
     return BUCKET_ORIGIN + ((t - BUCKET_ORIGIN) // width) * width
 
 
+def plan_pieces(
+    start: datetime, end: datetime, width: timedelta, stale: Iterable[Span] = ()
+) -> dict[str, list[Span]]:
+    """Which relation answers which part of ``[start, end)``: {relation: spans, oldest first}.
+
+    A rollup of width ``w`` (dividing ``width``) answers the whole ``w`` buckets inside the range
+    that overlap no ``stale`` span (hour-aligned spans whose rollups are out of date); what is
+    left goes to the next narrower rollup, and in the end to raw rows (``RAW``). Relations
+    without a span are absent.
+    """
+    stale_spans = _merged(stale)
+    todo = [(start, end)] if start < end else []
+    out: dict[str, list[Span]] = {}
+    for w, relation in ROLLUPS:
+        if width % w:
+            continue
+        # A stale span spoils every w bucket it touches.
+        spoiled = _merged((bucket_floor(lo, w), _ceil(hi, w)) for lo, hi in stale_spans)
+        left: list[Span] = []
+        for lo, hi in todo:
+            a0, a1 = _ceil(lo, w), bucket_floor(hi, w)
+            if a0 >= a1:
+                left.append((lo, hi))
+                continue
+            clean = _minus((a0, a1), spoiled)
+            out.setdefault(relation, []).extend(clean)
+            left += [(lo, a0), *_minus((a0, a1), clean), (a1, hi)]
+        todo = [s for s in left if s[0] < s[1]]
+    if todo:
+        out[RAW] = todo
+    return {rel: _merged(spans) for rel, spans in out.items() if spans}
+
+
 def bucketed_series(
     conn: psycopg.Connection,
     elder_id: str,
@@ -75,17 +123,20 @@ def bucketed_series(
     bucket: BucketName | timedelta,
 ) -> list[Bucket]:
     """The buckets of ``metric`` for ``elder_id`` over ``[start, end)``, oldest first."""
+    width = _check(start, end, bucket)
+    if end <= start:
+        return []
     flavour = _flavours.get(conn)
     if flavour is None:
         row = conn.execute("SELECT value FROM store_info WHERE key = 'flavour'").fetchone()
         if row is None:
             raise RuntimeError("store_info has no flavour: is the store migrated?")
         flavour = _flavours[conn] = row[0]
-    built = series_query(flavour, elder_id, metric, start, end, bucket)
-    if built is None:
-        return []
-    query, params = built
-    return [_bucket(r) for r in conn.execute(query, params).fetchall()]
+    stale_sql, stale_params = stale_query(flavour, elder_id, metric, start, end)
+    with _one_snapshot(conn):
+        stale = [(r[0], r[1]) for r in conn.execute(stale_sql, stale_params).fetchall()]
+        query, params = series_query(elder_id, metric, start, end, width, stale)
+        return [_bucket(r) for r in conn.execute(query, params).fetchall()]
 
 
 async def abucketed_series(
@@ -97,6 +148,9 @@ async def abucketed_series(
     bucket: BucketName | timedelta,
 ) -> list[Bucket]:
     """``bucketed_series`` on an async connection."""
+    width = _check(start, end, bucket)
+    if end <= start:
+        return []
     flavour = _flavours.get(conn)
     if flavour is None:
         cur = await conn.execute("SELECT value FROM store_info WHERE key = 'flavour'")
@@ -104,96 +158,114 @@ async def abucketed_series(
         if row is None:
             raise RuntimeError("store_info has no flavour: is the store migrated?")
         flavour = _flavours[conn] = row[0]
-    built = series_query(flavour, elder_id, metric, start, end, bucket)
-    if built is None:
-        return []
-    query, params = built
-    cur = await conn.execute(query, params)
-    return [_bucket(r) for r in await cur.fetchall()]
+    stale_sql, stale_params = stale_query(flavour, elder_id, metric, start, end)
+    idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    async with conn.transaction():
+        if idle:
+            await conn.execute(_SNAPSHOT)
+        cur = await conn.execute(stale_sql, stale_params)
+        stale = [(r[0], r[1]) for r in await cur.fetchall()]
+        query, params = series_query(elder_id, metric, start, end, width, stale)
+        cur = await conn.execute(query, params)
+        return [_bucket(r) for r in await cur.fetchall()]
+
+
+def stale_query(
+    flavour: str, elder_id: str, metric: str, start: datetime, end: datetime
+) -> tuple[sql.SQL | sql.Composed, dict[str, Any]]:
+    """The SQL and parameters that list the stale spans (lo, hi) touching ``[start, end)``."""
+    params: dict[str, Any] = {
+        "elder": elder_id,
+        "metric": metric,
+        "lo": bucket_floor(start, HOUR),
+        "hi": end,
+    }
+    if flavour == "plain":
+        marks = " UNION ".join(
+            f"SELECT hour FROM {table} WHERE elder_id = %(elder)s AND metric = %(metric)s"
+            " AND hour >= %(lo)s AND hour < %(hi)s"
+            for table in ("rollup_dirty_hours", "rollup_pending_hours")
+        )
+        return sql.SQL(f"SELECT hour, hour + interval '1 hour' FROM ({marks}) m ORDER BY 1"), params
+    if flavour == "timescale":
+        return STALE_SPANS, params
+    raise ValueError(f"unknown store flavour {flavour!r}")
 
 
 def series_query(
-    flavour: str,
     elder_id: str,
     metric: str,
     start: datetime,
     end: datetime,
     bucket: BucketName | timedelta,
-) -> tuple[sql.Composed, dict[str, Any]] | None:
-    """The SQL and parameters of a series query on a store of ``flavour`` (None: empty range).
+    stale: Sequence[Span] = (),
+) -> tuple[sql.Composed, dict[str, Any]]:
+    """The SQL and parameters of a series query over pieces planned by ``plan_pieces``.
 
-    Rows: (bucket start, min, max, sum, count), ordered by bucket start.
+    Rows: (bucket start, min, max, sum, count), ordered by bucket start. Every time bound is a
+    parameter of its own, so a custom plan prunes partitions on them.
     """
-    if flavour not in ("plain", "timescale"):
-        raise ValueError(f"unknown store flavour {flavour!r}")
-    if start.tzinfo is None or end.tzinfo is None:
-        raise ValueError("start and end must be timezone-aware")
-    width = bucket_width(bucket)
-    if end <= start:
-        return None
-    base = next(((w, rel) for w, rel in ROLLUPS if width % w == timedelta(0)), None)
+    width = _check(start, end, bucket)
     params: dict[str, Any] = {
         "elder": elder_id,
         "metric": metric,
-        "start": start,
-        "end": end,
         "width": width,
         "origin": BUCKET_ORIGIN,
     }
-    if base is not None:
-        base_width, rollup = base
-        a0 = _ceil(start, base_width)
-        a1 = bucket_floor(end, base_width)
-    if base is None or a0 >= a1:
-        # No whole rollup bucket inside the range: everything from raw rows.
-        rollup, a0, a1 = ROLLUPS[-1][1], start, start
-        edges = [(start, end), (end, end)]
-    else:
-        edges = [(start, a0), (a1, end)]
-    params.update(a0=a0, a1=a1, lo1=edges[0][0], hi1=edges[0][1], lo2=edges[1][0], hi2=edges[1][1])
-
-    if flavour == "plain":
-        params["d0"], params["d1"] = _utc_day(start), _utc_day(end)
-        dirty_cte = sql.SQL(
-            "dirty AS ("
-            " SELECT day FROM rollup_dirty WHERE day BETWEEN %(d0)s AND %(d1)s"
-            " UNION SELECT day FROM rollup_pending WHERE day BETWEEN %(d0)s AND %(d1)s), "
+    parts: list[sql.Composable] = []
+    for relation, spans in plan_pieces(start, end, width, stale).items():
+        column = "time" if relation == RAW else "bucket"
+        ranges = []
+        for lo, hi in spans:
+            n = len(params)
+            params[f"p{n}"], params[f"p{n + 1}"] = lo, hi
+            ranges.append(
+                sql.SQL("({c} >= %({lo})s AND {c} < %({hi})s)").format(
+                    c=sql.Identifier(column), lo=sql.SQL(f"p{n}"), hi=sql.SQL(f"p{n + 1}")
+                )
+            )
+        values = "value, value, value, 1::bigint" if relation == RAW else "min, max, sum, count"
+        parts.append(
+            sql.SQL(
+                "SELECT {c} AS t, {values} FROM {rel}"
+                " WHERE elder_id = %(elder)s AND metric = %(metric)s AND ({ranges})"
+            ).format(
+                c=sql.Identifier(column),
+                values=sql.SQL(values),
+                rel=sql.Identifier(relation),
+                ranges=sql.SQL(" OR ").join(ranges),
+            )
         )
-        dirty_ranges = sql.SQL(
-            " UNION ALL SELECT tstzrange(day::timestamp AT TIME ZONE 'UTC',"
-            " (day + 1)::timestamp AT TIME ZONE 'UTC') FROM dirty"
+    if not parts:  # an empty range
+        parts.append(
+            sql.SQL("SELECT NULL::timestamptz, 0::float8, 0::float8, 0::float8, 0::bigint WHERE false")
         )
-        clean_only = sql.SQL(
-            " AND NOT EXISTS (SELECT 1 FROM dirty d WHERE d.day = (r.bucket AT TIME ZONE 'UTC')::date)"
-        )
-    else:
-        dirty_cte = dirty_ranges = clean_only = sql.SQL("")
-
     query = sql.SQL(
-        "WITH {dirty_cte}raw_ranges AS ("
-        " SELECT unnest(range_agg(p.r) * tstzmultirange(tstzrange(%(start)s, %(end)s))) AS r"
-        " FROM (SELECT tstzrange(%(lo1)s, %(hi1)s) AS r"
-        " UNION ALL SELECT tstzrange(%(lo2)s, %(hi2)s){dirty_ranges}) p"
-        "), parts AS ("
-        " SELECT r.bucket AS t, r.min, r.max, r.sum, r.count FROM {rollup} r"
-        " WHERE r.elder_id = %(elder)s AND r.metric = %(metric)s"
-        " AND r.bucket >= %(a0)s AND r.bucket < %(a1)s{clean_only}"
-        " UNION ALL"
-        " SELECT o.time, o.value, o.value, o.value, 1::bigint"
-        " FROM raw_ranges rr JOIN observations o"
-        " ON o.time >= lower(rr.r) AND o.time < upper(rr.r)"
-        " WHERE o.elder_id = %(elder)s AND o.metric = %(metric)s"
-        ")"
-        " SELECT date_bin(%(width)s::interval, t, %(origin)s::timestamptz) AS bucket,"
-        " min(min), max(max), sum(sum), sum(count)::bigint"
-        " FROM parts GROUP BY 1 ORDER BY 1"
-    ).format(
-        dirty_cte=dirty_cte,
-        dirty_ranges=dirty_ranges,
-        rollup=sql.Identifier(rollup),
-        clean_only=clean_only,
-    )
+        "SELECT date_bin(%(width)s::interval, t, %(origin)s::timestamptz) AS bucket,"
+        " min(lo), max(hi), sum(s), sum(n)::bigint"
+        " FROM ({parts}) AS parts (t, lo, hi, s, n) GROUP BY 1 ORDER BY 1"
+    ).format(parts=sql.SQL(" UNION ALL ").join(parts))
     return query, params
+
+
+@contextmanager
+def _one_snapshot(conn: psycopg.Connection) -> Iterator[None]:
+    """Both statements of a series query see one snapshot (in the caller's transaction, if any).
+
+    Otherwise rows and marks committed between the two could be missed by both: the marks by
+    the first statement, the rows by the rollups the second one reads.
+    """
+    idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    with conn.transaction():
+        if idle:
+            conn.execute(_SNAPSHOT)
+        yield
+
+
+def _check(start: datetime, end: datetime, bucket: BucketName | timedelta) -> timedelta:
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("start and end must be timezone-aware")
+    return bucket_width(bucket)
 
 
 def _bucket(row: tuple[Any, ...]) -> Bucket:
@@ -206,5 +278,27 @@ def _ceil(t: datetime, width: timedelta) -> datetime:
     return floor if floor == t else floor + width
 
 
-def _utc_day(t: datetime) -> date:
-    return t.astimezone(UTC).date()
+def _merged(spans: Iterable[Span]) -> list[Span]:
+    """Spans sorted, with overlapping and touching ones joined; empty ones dropped."""
+    out: list[Span] = []
+    for lo, hi in sorted(s for s in spans if s[0] < s[1]):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _minus(span: Span, holes: Sequence[Span]) -> list[Span]:
+    """``span`` without the (sorted, disjoint) ``holes``."""
+    lo, hi = span
+    out: list[Span] = []
+    for h_lo, h_hi in holes:
+        if h_hi <= lo or h_lo >= hi:
+            continue
+        if h_lo > lo:
+            out.append((lo, h_lo))
+        lo = max(lo, h_hi)
+    if lo < hi:
+        out.append((lo, hi))
+    return out

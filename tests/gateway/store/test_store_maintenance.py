@@ -36,18 +36,15 @@ def _partitions(conn: psycopg.Connection, table: str) -> set[str]:
 
 
 def _observe(conn: psycopg.Connection, t: datetime, value: float = 1.0, elder: str = "e1") -> None:
+    """Insert a reading; the trigger on observations marks its hour for the rollups."""
     conn.execute(
         "INSERT INTO observations (time, device_id, elder_id, metric, value) VALUES (%s, 'd1', %s,"
         " 'heart_rate', %s)",
         (t, elder, value),
     )
-    conn.execute(
-        "INSERT INTO rollup_dirty (day) VALUES (%s) ON CONFLICT DO NOTHING",
-        (t.astimezone(UTC).date(),),
-    )
 
 
-def _refresh(url: str) -> list[date]:
+def _refresh(url: str) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
         return refresh_rollups(conn)
 
@@ -176,7 +173,6 @@ def test_retention_drops_whole_old_weeks_with_their_rollups_and_old_dead_letters
 
 def test_refresh_waits_for_a_writer_whose_dirty_mark_is_not_committed(plain_db: str) -> None:
     t = _midweek()
-    day = t.date()
     with psycopg.connect(plain_db) as conn:
         _observe(conn, t, value=10.0)  # an earlier batch: the mark already exists
         conn.commit()
@@ -192,7 +188,7 @@ def test_refresh_waits_for_a_writer_whose_dirty_mark_is_not_committed(plain_db: 
                 lambda: (
                     watch.execute(
                         "SELECT count(*) FROM pg_locks WHERE NOT granted"
-                        " AND relation = 'rollup_dirty'::regclass"
+                        " AND relation = 'rollup_dirty_hours'::regclass"
                         " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
                     ).fetchone()
                     == (1,)
@@ -203,32 +199,60 @@ def test_refresh_waits_for_a_writer_whose_dirty_mark_is_not_committed(plain_db: 
         refresher.join(timeout=10)
     finally:
         writer.close()
-    assert done == [[day]]
+    assert done == [1]  # one (elder, metric, hour)
     with psycopg.connect(plain_db) as conn:
         row = conn.execute("SELECT count, sum FROM observations_1d WHERE elder_id = 'e1'").fetchone()
         assert row == (2, 40.0)  # the writer's row made it into the rollup
-        assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone() == (0,)
-        assert conn.execute("SELECT count(*) FROM rollup_pending").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM rollup_dirty_hours").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM rollup_pending_hours").fetchone() == (0,)
 
 
-def test_a_mark_written_after_the_refresh_claimed_its_day_keeps_the_day_dirty(
-    plain_db: str,
-) -> None:
+def test_rows_committed_after_the_refresh_claimed_their_hour_keep_it_marked(plain_db: str) -> None:
     t = _midweek()
     with psycopg.connect(plain_db) as conn:
         _observe(conn, t, value=10.0)
         conn.commit()
-    with psycopg.connect(plain_db) as writer:
-        writer.execute(
-            "INSERT INTO observations (time, device_id, elder_id, metric, value)"
-            " VALUES (%s, 'd1', 'e1', 'heart_rate', 30)",
-            (t,),
-        )
-        assert _refresh(plain_db) == [t.date()]
-        writer.execute("INSERT INTO rollup_dirty (day) VALUES (%s) ON CONFLICT DO NOTHING", (t.date(),))
-        writer.commit()
+        assert _refresh(plain_db) == 1
+        _observe(conn, t + timedelta(seconds=1), value=30.0)
+        conn.commit()
+        hour = t.replace(minute=0, second=0, microsecond=0)
+        assert conn.execute("SELECT elder_id, metric, hour FROM rollup_dirty_hours").fetchall() == [
+            ("e1", "heart_rate", hour)
+        ]
+        assert _refresh(plain_db) == 1
+        assert conn.execute("SELECT count, sum FROM observations_1h").fetchall() == [(2, 40.0)]
+
+
+def test_refresh_recomputes_only_the_hours_that_changed(plain_db: str) -> None:
+    """A buffered upload of one elder touches its hours, not the days of every elder."""
+    t = _midweek() - timedelta(days=2)
     with psycopg.connect(plain_db) as conn:
-        assert conn.execute("SELECT day FROM rollup_dirty").fetchall() == [(t.date(),)]
+        for elder in ("e1", "e2"):
+            for minutes in range(0, 48 * 60, 30):
+                _observe(conn, t + timedelta(minutes=minutes), value=2.0, elder=elder)
+        conn.commit()
+        assert _refresh(plain_db) == 2 * 48
+        # Tamper with e2's rollups: a refresh that recomputed whole days would repair them.
+        conn.execute("UPDATE observations_1h SET sum = -1 WHERE elder_id = 'e2'")
+        conn.commit()
+        late = t + timedelta(hours=5, minutes=10)
+        _observe(conn, late, value=4.0)  # e1, late, into an already refreshed hour
+        conn.execute(
+            "DELETE FROM observations WHERE elder_id = 'e1' AND time = %s", (t + timedelta(hours=30),)
+        )
+        conn.commit()
+        assert _refresh(plain_db) == 2  # e1's two hours
+        hours = dict(
+            conn.execute("SELECT bucket, count FROM observations_1h WHERE elder_id = 'e1'").fetchall()
+        )
+        assert hours[t.replace(minute=0) + timedelta(hours=5)] == 3
+        assert hours[t.replace(minute=0) + timedelta(hours=30)] == 1
+        assert conn.execute(
+            "SELECT sum(count), sum(sum) FROM observations_1d WHERE elder_id = 'e1'"
+        ).fetchone() == (96, 194.0)
+        assert conn.execute("SELECT DISTINCT sum FROM observations_1h WHERE elder_id = 'e2'").fetchall() == [
+            (-1.0,)
+        ]
 
 
 def test_maintenance_cleans_dead_letters_and_receipts_on_both_flavours(

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from eldercare.gateway.store.maintenance import run_maintenance
+from eldercare.gateway.store.maintenance import partition_name, run_maintenance
 from eldercare.gateway.store.series import (
     Bucket,
     abucketed_series,
@@ -73,7 +73,7 @@ def _settle(url: str, flavour: str) -> None:
     """Let the rollups catch up: the maintenance job (plain) or a refresh of the aggregates."""
     if flavour == "plain":
         report = run_maintenance(url, now=DAY0 + timedelta(days=DAYS))
-        assert report.days_refreshed
+        assert report.hours_refreshed
         return
     with psycopg.connect(url, autocommit=True) as conn:
         for view in ("observations_1m", "observations_1h", "observations_1d"):
@@ -143,36 +143,47 @@ def test_series_equal_a_brute_force_computation_before_and_after_refresh_and_lat
     _settle(url, flavour)
     if flavour == "plain":
         with psycopg.connect(url) as conn:
-            assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM rollup_dirty_hours").fetchone() == (0,)
     assert _check_all(url, rows, rng) > 0  # all from rollups, edges from raw rows
 
     # Late rows into days already refreshed (and one new day): dirty again, still exact.
     late = _random_rows(rng, 200, DAY0 + timedelta(days=1), timedelta(days=1))
     late += _random_rows(rng, 50, DAY0 + timedelta(days=DAYS), timedelta(hours=3))
     _write(url, late, flavour)
-    if flavour == "timescale":
-        # Real-time aggregates see late rows in already materialised buckets only after
-        # the refresh policy's next run.
-        _settle(url, flavour)
-    assert _check_all(url, rows + late, rng) > 0
+    assert _check_all(url, rows + late, rng) > 0  # before any refresh sees them
 
     _settle(url, flavour)
     assert _check_all(url, rows + late, rng) > 0
 
 
-def test_clean_days_are_answered_from_the_rollups(plain_db: str) -> None:
+def test_clean_hours_are_answered_from_the_rollups_and_marked_ones_from_raw_rows(plain_db: str) -> None:
     run_maintenance(plain_db, now=DAY0)
     t = DAY0 + timedelta(hours=10, minutes=3)
     _write(plain_db, [(t, "e1", "heart_rate", 60.0), (t, "e1", "heart_rate", 80.0)], "plain")
     run_maintenance(plain_db, now=DAY0)
+    day = (DAY0, DAY0 + timedelta(days=1))
     with psycopg.connect(plain_db) as conn:
-        # Rows vanishing behind the job's back (no dirty mark) do not change clean buckets...
-        conn.execute("DELETE FROM observations")
-        series = bucketed_series(conn, "e1", "heart_rate", DAY0, DAY0 + timedelta(days=1), "1h")
+        # Rows vanishing behind the job's back (straight from the partition: no trigger, no
+        # mark) do not change clean buckets...
+        conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(partition_name("observations", DAY0))))
+        conn.commit()
+        series = bucketed_series(conn, "e1", "heart_rate", *day, "1h")
         assert series == [Bucket(DAY0 + timedelta(hours=10), 60.0, 80.0, 70.0, 2)]
-        # ...but a dirty mark sends the day to raw rows.
-        conn.execute("INSERT INTO rollup_dirty (day) VALUES (%s)", (DAY0.date(),))
-        assert bucketed_series(conn, "e1", "heart_rate", DAY0, DAY0 + timedelta(days=1), "1h") == []
+        # ...but a mark of that elder, metric and hour sends the hour to raw rows.
+        conn.execute(
+            "INSERT INTO rollup_dirty_hours (elder_id, metric, hour) VALUES ('e1', 'heart_rate', %s)",
+            (DAY0 + timedelta(hours=10),),
+        )
+        assert bucketed_series(conn, "e1", "heart_rate", *day, "1h") == []
+        conn.rollback()  # the mark only
+        # A delete through observations marks the hours it touched by itself.
+        _write(plain_db, [(t, "e1", "heart_rate", 60.0)], "plain")
+        run_maintenance(plain_db, now=DAY0)
+        assert bucketed_series(conn, "e1", "heart_rate", *day, "1h") == [
+            Bucket(DAY0 + timedelta(hours=10), 60.0, 60.0, 60.0, 1)
+        ]
+        conn.execute("DELETE FROM observations WHERE elder_id = 'e1'")
+        assert bucketed_series(conn, "e1", "heart_rate", *day, "1h") == []
 
 
 def test_empty_and_reversed_ranges_give_no_buckets(plain_db: str) -> None:
