@@ -117,11 +117,21 @@ def serve(
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     if retire:
+        if not s.mqtt_shared_group:
+            console.print(
+                "[red]error:[/] --retire is for shared-subscription slots (ELDERCARE_MQTT_SHARED_GROUP);"
+                " without one there is a single session, kept by whichever worker holds the lease"
+            )
+            raise typer.Exit(2)
         if not s.mqtt_client_id:
             console.print("[red]error:[/] --retire needs ELDERCARE_MQTT_CLIENT_ID: the slot to retire")
             raise typer.Exit(2)
         roles = {Role.ingest}
-    run_roles(s, {r.value for r in roles}, stop, retire=retire)
+    try:
+        run_roles(s, {r.value for r in roles}, stop, retire=retire)
+    except RuntimeError as exc:  # not migrated, committer died: one line, not a traceback
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from None
 
 
 @devices_app.command("add")

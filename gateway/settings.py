@@ -17,13 +17,18 @@ Settings (environment variables, or a .env file in the working folder):
   ELDERCARE_MQTT_URL            mqtt://user:pass@host:1883 or mqtts://... (empty: embedded
                                 broker, for the demo)
   ELDERCARE_MQTT_PROTOCOL       5 (default) or 3.1.1; 3.1.1 for brokers without MQTT 5
-  ELDERCARE_MQTT_SHARED_GROUP   shared-subscription group (default: ingest); empty: a plain
-                                subscription (one worker)
-  ELDERCARE_MQTT_CLIENT_ID      worker client id (default: eldercare-ingest-<host>-<n>)
+  ELDERCARE_MQTT_SHARED_GROUP   empty (default): one plain subscription on one session,
+                                consumed by the worker holding the ingest lease (others stand
+                                by); a group name: $share/<group>/..., only on brokers that
+                                keep shared subscriptions across a restart (not Mosquitto 2.0)
+  ELDERCARE_MQTT_CLIENT_ID      worker client id (default: eldercare-ingest; with a shared
+                                group eldercare-ingest-<host>-<n>)
+  ELDERCARE_MQTT_KEEPALIVE      MQTT keepalive of the worker, seconds (default 30)
   ELDERCARE_MQTT_SESSION_EXPIRY seconds the broker keeps a worker's session (default 86400)
   ELDERCARE_BATCH_SIZE          messages per transaction at most (default 500)
   ELDERCARE_BATCH_MAX_DELAY_MS  longest a message waits for its batch (default 50)
   ELDERCARE_QUEUE_SIZE          in-memory bound of received, uncommitted messages (default 2000)
+  ELDERCARE_QUEUE_BYTES         the same bound in payload bytes (default 8388608 = 8 MiB)
   ELDERCARE_METRICS_PORT        Prometheus /metrics port (default 9464; 0: off)
   ELDERCARE_METRICS_HOST        address /metrics listens on (default 127.0.0.1)
   ELDERCARE_LOG_LEVEL           DEBUG, INFO, WARNING, ERROR (default INFO)
@@ -68,12 +73,14 @@ class Settings(BaseSettings):
     database_url: str = ""
     mqtt_url: str = ""
     mqtt_protocol: Literal["5", "3.1.1"] = "5"
-    mqtt_shared_group: str = "ingest"
+    mqtt_shared_group: str = ""
     mqtt_client_id: str = ""
     mqtt_session_expiry: int = Field(86_400, ge=0)
+    mqtt_keepalive: int = Field(30, ge=5, le=300)
     batch_size: int = Field(500, ge=1, le=50_000)
     batch_max_delay_ms: int = Field(50, ge=0, le=60_000)
     queue_size: int = Field(2_000, ge=10)
+    queue_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
     metrics_port: int = Field(9464, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -58,6 +58,7 @@ class CommitReport:
 
     acks: list[tuple[int, int, int]]  # (packet id, qos, generation)
     result: BatchResult
+    payload_bytes: int  # of all the batch's messages: the receiver's in-flight byte count
     commit_seconds: float
     lags: list[float] = field(default_factory=list)
     failures: int = 0
@@ -82,6 +83,7 @@ class Committer:
         outbound: Connection,
         rules: RuleSet | None = None,
         clock: Callable[[], float] = time.time,
+        flavour: str | None = None,
     ) -> None:
         self.settings = settings
         self.inbound = inbound
@@ -89,7 +91,7 @@ class Committer:
         self.clock = clock
         self.policy = Policy(catalog=load_catalog(), horizon_s=settings.buffer_horizon_days * 86_400.0)
         self.queue: queue.SimpleQueue[Received | None] = queue.SimpleQueue()
-        self.writer = BatchWriter(store_flavour(settings.database_url), rules or NoRules())
+        self.writer = BatchWriter(flavour or store_flavour(settings.database_url), rules or NoRules())
         self.feed = RegistryFeed(settings.database_url)
         # The writer's connections; the registry feed keeps its own (LISTEN needs one for good).
         self.pool = ConnectionPool(
@@ -232,6 +234,7 @@ class Committer:
         report = CommitReport(
             acks=[(m.mid, m.qos, m.generation) for m in batch if m.qos],
             result=result,
+            payload_bytes=sum(len(m.payload) for m in batch),
             commit_seconds=time.perf_counter() - started,
             lags=lags,
             failures=failures,
@@ -267,7 +270,9 @@ class Committer:
         )
 
 
-def committer_main(settings_values: dict[str, Any], inbound: Connection, outbound: Connection) -> None:
+def committer_main(
+    settings_values: dict[str, Any], inbound: Connection, outbound: Connection, flavour: str | None = None
+) -> None:
     """Entry point of the committer process (spawned by the receiver)."""
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with the receiver, no orphan
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -276,4 +281,4 @@ def committer_main(settings_values: dict[str, Any], inbound: Connection, outboun
 
     settings = Settings(**settings_values)
     configure_logging(settings.log_level, settings.log_format)
-    Committer(settings, inbound, outbound, rules=load_rules(settings.rules)).run()
+    Committer(settings, inbound, outbound, rules=load_rules(settings.rules), flavour=flavour).run()

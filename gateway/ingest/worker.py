@@ -4,9 +4,11 @@ A worker is two processes, so that paho (the receiver) and the database work (th
 committer, ``committer.py``) each have a core and an interpreter lock of their own:
 
 - receiver, paho's network thread: takes a message off the socket and appends it to the
-  outgoing bundle. While more than ``queue_size`` messages are received but not yet
-  committed, it waits: paho stops reading its socket, and TCP plus the broker's in-flight
-  limit (MQTT 5 receive maximum) hold everything else back: backpressure without loss.
+  outgoing bundle. While ``queue_size`` messages or ``queue_bytes`` of payload are received
+  but not yet committed, it waits: paho stops reading its socket, and TCP plus the broker's
+  in-flight limit (MQTT 5 receive maximum) hold everything else back: backpressure without
+  loss. While it waits it still sends what the acks thread queued and a PINGREQ now and
+  then, so a long database outage does not cost the broker connection.
 - receiver, ``bundles`` thread: every millisecond or so, sends what was received to the
   committer over a pipe.
 - receiver, ``acks`` thread: reads the committer's reports and acknowledges each committed
@@ -16,6 +18,12 @@ committer, ``committer.py``) each have a core and an interpreter lock of their o
 
 A message received on an earlier connection is never acknowledged on a later one (its
 packet id may have been reused): the broker redelivers it and dedup drops the copy.
+
+Which session: by default one plain subscription on one persistent session, consumed by
+whichever worker holds the ingest lease (``lease.py`` says why: Mosquitto 2.0 does not
+restore ``$share`` subscriptions after a restart); other workers stand by. With
+``ELDERCARE_MQTT_SHARED_GROUP`` set, every worker takes a share on a session of its own
+(for brokers that persist shared subscriptions).
 """
 
 from __future__ import annotations
@@ -35,15 +43,18 @@ from pathlib import Path
 from typing import IO
 
 import paho.mqtt.client as mqtt
+import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
+from psycopg.conninfo import conninfo_to_dict
 
 from eldercare.alerts.ruleset import load_rules
 from eldercare.devices.topics import SUBSCRIPTIONS
 from eldercare.gateway.ingest import metrics
 from eldercare.gateway.ingest.committer import DONE, DRAIN, CommitReport, Wire, committer_main, store_flavour
+from eldercare.gateway.ingest.lease import IngestLease
 from eldercare.gateway.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,6 +63,12 @@ log = logging.getLogger(__name__)
 RETIRE_IDLE_S = 3.0
 #: How long the bundles thread gathers before sending (latency it adds, at most).
 BUNDLE_EVERY_S = 0.001
+#: Reconnect backoff to the broker (seconds): back within about a second of it returning.
+RECONNECT_MIN_S, RECONNECT_MAX_S = 0.2, 1.0
+#: The session's client id when every worker shares one session (no shared group).
+SESSION_CLIENT_ID = "eldercare-ingest"
+#: How often a worker waiting for the database tries again.
+STORE_RETRY_S = 2.0
 _slot_locks: list[IO[str]] = []  # open for the life of the process: they hold the slots
 
 
@@ -67,15 +84,18 @@ def subscriptions(settings: Settings) -> list[str]:
 
 
 def default_client_id(settings: Settings) -> str:
-    """A client id that is stable across restarts and unique among this host's workers.
+    """A client id that is stable across restarts (and hosts, containers, re-creations).
 
-    Stability matters: a persistent session is found again only under the same id, and
-    Mosquitto keeps handing an offline member of a shared group its share of the messages
-    until that session expires. So the n-th worker on a host is always ``...-<host>-<n>``:
-    each running worker holds a lock on its slot, and a restarted one takes the lowest free.
+    Without a shared group every worker uses the one session ``eldercare-ingest`` (the lease
+    says who consumes it). With a shared group each worker needs a session of its own, and
+    Mosquitto keeps handing an offline member its share until the session expires, so the
+    n-th worker on a host is always ``...-<host>-<n>``: each running worker holds a lock on
+    its slot, and a restarted one takes the lowest free.
     """
     if settings.mqtt_client_id:
         return settings.mqtt_client_id
+    if not settings.mqtt_shared_group:
+        return SESSION_CLIENT_ID
     host = socket.gethostname()
     folder = Path(tempfile.gettempdir()) / "eldercare-ingest-slots"
     folder.mkdir(exist_ok=True)
@@ -91,28 +111,113 @@ def default_client_id(settings: Settings) -> str:
     raise RuntimeError("more than 256 ingest workers on one host: set ELDERCARE_MQTT_CLIENT_ID")
 
 
+def database_target(conninfo: str) -> str:
+    """Where the store is, for a log line: host, port and database, never the password."""
+    try:
+        parts = conninfo_to_dict(conninfo)
+    except psycopg.Error:
+        return "the configured database"
+    return f"{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+
+
+def wait_for_store(conninfo: str, stopping: threading.Event) -> str | None:
+    """The store's flavour once the database answers; None if ``stopping`` came first.
+
+    A database that is down is waited for, with one log line (an operator starting the
+    gateway before PostgreSQL is a normal start order, not a crash).
+    """
+    said = False
+    while True:
+        try:
+            flavour = store_flavour(conninfo)
+            if said:
+                log.info("the database answers", extra={"database": database_target(conninfo)})
+            return flavour
+        except psycopg.OperationalError as exc:
+            if not said:
+                log.warning(
+                    "waiting for the database",
+                    extra={
+                        "database": database_target(conninfo),
+                        "error": str(exc).strip().splitlines()[-1]
+                        if str(exc).strip()
+                        else type(exc).__name__,
+                        "retry_every_s": STORE_RETRY_S,
+                    },
+                )
+                said = True
+        if stopping.wait(STORE_RETRY_S):
+            return None
+
+
 class IngestWorker:
-    """One ingest worker's moving parts; ``run`` blocks until ``stop`` is called."""
+    """One ingest worker: waits for the store and (by default) the lease, then consumes.
+
+    ``run`` blocks until ``stop`` is called. Each stretch of holding the lease is one
+    ``IngestSession`` (its own committer process and MQTT client); a worker that loses the
+    lease to another goes back to standing by.
+    """
 
     def __init__(
         self, settings: Settings, clock: Callable[[], float] = time.time, retire: bool = False
     ) -> None:
         self.settings = settings
         self.retire = retire
-        self._last_message = time.monotonic()
         self.clock = clock
-        self.flavour = store_flavour(settings.database_url)  # fail early if not migrated
-        load_rules(settings.rules)  # and if the rule set cannot be loaded
+        load_rules(settings.rules)  # fail early if the rule set cannot be loaded
         self.client_id = default_client_id(settings)
+        self.flavour: str | None = None
+        self._stopping = threading.Event()
+        self.session: IngestSession | None = None
+
+    def run(self) -> None:
+        """Wait for what is needed, consume until ``stop``, flush and ack what is held."""
+        s = self.settings
+        self.flavour = wait_for_store(s.database_url, self._stopping)
+        if self.flavour is None:
+            return
+        lease = None if s.mqtt_shared_group else IngestLease(s.database_url, self.client_id)
+        while not self._stopping.is_set():
+            if lease is not None and not lease.acquire(self._stopping):
+                break
+            try:
+                self.session = IngestSession(self, lease)
+                self.session.run()
+            finally:
+                if lease is not None:
+                    lease.release()
+            if lease is None or not lease.lost.is_set():
+                break
+
+    def stop(self) -> None:
+        """Ask ``run`` to finish: stop taking messages, commit and ack what it holds."""
+        self._stopping.set()
+
+
+class IngestSession:
+    """One connection's worth of consuming: a committer process, a paho client, two threads."""
+
+    def __init__(self, worker: IngestWorker, lease: IngestLease | None) -> None:
+        self.settings = worker.settings
+        self.retire = worker.retire
+        self.clock = worker.clock
+        self.client_id = worker.client_id
+        self.flavour = worker.flavour
+        self._worker_stopping = worker._stopping
+        self._lease = lease
+        self._last_message = time.monotonic()
         self._outgoing: deque[Wire] = deque()
         self._arrived = threading.Event()
         self._received = 0  # written by paho's thread only
+        self._received_bytes = 0
         self._acked = 0  # written by the acks thread only
+        self._acked_bytes = 0
         self._stopping = threading.Event()
         self._committer_gone = threading.Event()
         self._done = threading.Event()
         self._generation = 0
         self._connected = threading.Event()
+        self._broker_said = False
         self._client = self._make_client()
 
     # ---- MQTT side (paho's network thread) ---------------------------------------------
@@ -134,7 +239,9 @@ class IngestWorker:
             client.tls_set()
         # paho's own outgoing queue is unused by a subscriber; its inflight counter limits
         # nothing here. The broker-side bound is MQTT 5's receive maximum (below).
+        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
@@ -153,10 +260,12 @@ class IngestWorker:
             log.error("broker refused the connection", extra={"reason": str(reason_code)})
             return
         self._generation += 1
+        self._broker_said = False
         log.info(
             "connected to the broker",
             extra={
                 "broker": repr(self.settings.mqtt),
+                "client_id": self.client_id,
                 "session_present": bool(flags.session_present),
                 "subscriptions": len(subscriptions(self.settings)),
             },
@@ -172,6 +281,14 @@ class IngestWorker:
             client.subscribe([(t, 1) for t in subscriptions(self.settings)])
         self._connected.set()
 
+    def _on_connect_fail(self, client, userdata) -> None:  # type: ignore[no-untyped-def]
+        if not self._broker_said:  # one line per outage, not one per attempt
+            log.warning(
+                "waiting for the broker",
+                extra={"broker": repr(self.settings.mqtt), "retry_every_s": RECONNECT_MAX_S},
+            )
+            self._broker_said = True
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         self._connected.clear()
         if not self._stopping.is_set():
@@ -181,19 +298,44 @@ class IngestWorker:
         if self._stopping.is_set():
             return  # not acked: the broker redelivers it to the next session
         self._last_message = time.monotonic()
-        capacity = self.settings.queue_size
-        while self._received - self._acked >= capacity:  # backpressure: stop reading
-            if self._stopping.is_set() or self._committer_gone.is_set():
-                return
-            time.sleep(0.001)
+        payload = bytes(msg.payload)  # paho hands over bytes (bytes() of bytes: no copy)
+        if self._full(len(payload)) and not self._wait_for_room(client, len(payload)):
+            return
         outgoing = self._outgoing
-        outgoing.append(
-            # paho hands over bytes (bytes() of bytes is the same object: no copy)
-            (msg.topic, bytes(msg.payload), self.clock(), msg.mid, msg.qos, self._generation, msg.retain)
-        )
+        outgoing.append((msg.topic, payload, self.clock(), msg.mid, msg.qos, self._generation, msg.retain))
         self._received += 1
+        self._received_bytes += len(payload)
         if len(outgoing) == 1:
             self._arrived.set()
+
+    def _full(self, size: int) -> bool:
+        """True while taking one more message would pass the in-flight bound (count or bytes)."""
+        held = self._received - self._acked
+        if held >= self.settings.queue_size:
+            return True
+        # One message always fits when nothing is held, whatever its size.
+        return held > 0 and self._received_bytes - self._acked_bytes + size > self.settings.queue_bytes
+
+    def _wait_for_room(self, client: mqtt.Client, size: int) -> bool:
+        """Backpressure: block paho's thread (its socket is not read) until there is room.
+
+        Blocking here also stops paho from writing: the acks queued meanwhile and the
+        keepalive. So the wait flushes the queued writes itself and sends a PINGREQ every
+        third of the keepalive: the broker sees a live client and keeps the connection (and
+        the session's in-flight messages) through a database outage of any length. False if
+        the session is stopping instead.
+        """
+        ping_every = max(1.0, self.settings.mqtt_keepalive / 3)
+        last_ping = time.monotonic()
+        while self._full(size):
+            if self._stopping.is_set() or self._committer_gone.is_set():
+                return False
+            time.sleep(0.001)
+            now = time.monotonic()
+            if now - last_ping >= ping_every:
+                last_ping = now
+                _send_keepalive(client)
+        return True
 
     # ---- the bundles and acks threads ---------------------------------------------------
 
@@ -238,6 +380,7 @@ class IngestWorker:
             if gen == generation:
                 ack(mid, qos)
                 acked += 1
+        self._acked_bytes += report.payload_bytes  # before the count: the waiter reads both
         self._acked += report.result.messages  # QoS 0 ones too: they left the pipeline
         metrics.ACKED.inc(acked)
 
@@ -259,15 +402,24 @@ class IngestWorker:
 
     # ---- lifecycle ------------------------------------------------------------------------
 
+    def _ending(self) -> bool:
+        lease_lost = self._lease is not None and self._lease.lost.is_set()
+        return (
+            self._worker_stopping.is_set()
+            or self._stopping.is_set()
+            or self._committer_gone.is_set()
+            or lease_lost
+        )
+
     def run(self) -> None:
-        """Connect, consume and commit until ``stop``; flush and ack what is held, then leave."""
+        """Connect, consume and commit until the worker stops or the lease goes elsewhere."""
         s = self.settings
         spawn = multiprocessing.get_context("spawn")
         committer_in, to_committer = spawn.Pipe(duplex=False)  # (reading end, writing end)
         reports_in, reports_out = spawn.Pipe(duplex=False)
         committer = spawn.Process(
             target=committer_main,
-            args=(s.model_dump(), committer_in, reports_out),
+            args=(s.model_dump(), committer_in, reports_out, self.flavour),
             name="eldercare-committer",
             daemon=True,
         )
@@ -283,17 +435,24 @@ class IngestWorker:
             self._client.connect_async(
                 target.host,
                 target.port,
-                keepalive=30,
+                keepalive=s.mqtt_keepalive,
                 clean_start=False,
                 properties=self._connect_properties(),
             )
         else:  # 3.1.1: the persistent session comes from clean_session=False on the client
-            self._client.connect_async(target.host, target.port, keepalive=30)
+            self._client.connect_async(target.host, target.port, keepalive=s.mqtt_keepalive)
         self._client.loop_start()
-        log.info("ingest worker started", extra={"client_id": self.client_id, "flavour": self.flavour})
+        log.info(
+            "ingest worker started",
+            extra={
+                "client_id": self.client_id,
+                "flavour": self.flavour,
+                "subscription": "shared" if s.mqtt_shared_group else "plain (ingest lease held)",
+            },
+        )
         try:
-            while not (self._stopping.is_set() or self._committer_gone.is_set()):
-                self._stopping.wait(0.5)
+            while not self._ending():
+                self._worker_stopping.wait(0.5)
                 if self.retire and self._drained():
                     log.info(
                         "retired slot drained: removing its session", extra={"client_id": self.client_id}
@@ -315,7 +474,7 @@ class IngestWorker:
             raise RuntimeError("the committer process died")
 
     def stop(self) -> None:
-        """Ask ``run`` to finish: stop taking messages, commit and ack what it holds."""
+        """Stop taking messages; commit and ack what is held."""
         self._stopping.set()
 
     # ---- retiring a slot for good ---------------------------------------------------------
@@ -344,3 +503,18 @@ class IngestWorker:
             client.tls_set()
         client.connect(target.host, target.port)
         client.disconnect()
+
+
+def _send_keepalive(client: mqtt.Client) -> None:
+    """From paho's own thread, while it is held in on_message: queue a PINGREQ, write out.
+
+    paho offers no public call for this; ``_send_simple_command`` queues the two-byte
+    packet and ``loop_write`` (safe in the network thread, which is where we are) writes it
+    after whatever was queued before it, PUBACKs included, so the stream stays well formed.
+    The PINGRESP is read once the wait is over.
+    """
+    try:
+        client._send_simple_command(mqtt.PINGREQ)  # type: ignore[attr-defined]
+        client.loop_write()
+    except (OSError, AttributeError):  # the connection is going anyway: paho reconnects
+        pass

@@ -11,8 +11,9 @@ import orjson
 import psycopg
 import pytest
 
-from eldercare.gateway.broker import Broker, ProjectBroker
+from eldercare.gateway.broker import Broker, MqttAccount, ProjectBroker
 from eldercare.gateway.store.devices import add_device
+from eldercare.simulators.device_link import DeviceLink
 from tests.gateway.ingest.processes import Device, WorkerProcess, scalar
 from tests.waiting import wait_for
 
@@ -26,22 +27,28 @@ class IngestSetup:
         self.tmp = tmp
         self.group = f"g{secrets.token_hex(3)}"
         self.workers: list[WorkerProcess] = []
-        self.opened: list[Device] = []
+        self.opened: list[Device | DeviceLink] = []
         self._ids = 0
 
-    def worker(self, slot: str = "a", **env: str) -> WorkerProcess:
-        """An ingest worker process (not started); same slot = same client id = same session."""
+    def worker(self, slot: str = "a", *, shared: bool = False, **env: str) -> WorkerProcess:
+        """An ingest worker process (not started).
+
+        By default, as shipped: a plain subscription on the test's one session, consumed by
+        whichever worker holds the lease (``slot`` only names the log). ``shared=True``: a
+        ``$share`` member whose slot is its client id (same slot = same session).
+        """
+        client_id = f"ingest-{self.group}-{slot}" if shared else f"ingest-{self.group}"
         settings = {
             "ELDERCARE_DATABASE_URL": self.db_url,
-            **self.broker.worker_env(self.group),
-            "ELDERCARE_MQTT_CLIENT_ID": f"ingest-{self.group}-{slot}",
+            **self.broker.worker_env(self.group if shared else ""),
+            "ELDERCARE_MQTT_CLIENT_ID": client_id,
             "ELDERCARE_MQTT_SESSION_EXPIRY": "600",
             "ELDERCARE_METRICS_PORT": "0",
             "ELDERCARE_LOG_FORMAT": "json",
             "ELDERCARE_LOG_LEVEL": "INFO",
             **env,
         }
-        worker = WorkerProcess(settings, self.tmp / f"worker-{slot}.log")
+        worker = WorkerProcess(settings, self.tmp / f"worker-{slot}-{len(self.workers)}.log")
         self.workers.append(worker)
         return worker
 
@@ -49,14 +56,27 @@ class IngestSetup:
         self._ids += 1
         return f"{prefix}-{self.group}-{self._ids:03d}"
 
-    def devices(self, n: int, elder: str = "e-1") -> list[Device]:
-        """n registered wristbands with broker accounts, connected."""
+    def _register_wristbands(self, n: int, elder: str) -> dict[str, MqttAccount]:
+        """n new wristbands, registered and with broker accounts: id -> account."""
         ids = [self._new_id("w") for _ in range(n)]
         accounts = self.broker.add_users(ids)
         with psycopg.connect(self.db_url) as conn:
             for device_id in ids:
                 add_device(conn, device_id, "wristband", elder)
-        return [self._connect(accounts[d].username, accounts[d].password) for d in ids]
+        return accounts
+
+    def devices(self, n: int, elder: str = "e-1") -> list[Device]:
+        """n registered wristbands with broker accounts, connected (MQTT 3.1.1)."""
+        accounts = self._register_wristbands(n, elder)
+        return [self._connect(a.username, a.password) for a in accounts.values()]
+
+    def links(self, n: int, elder: str = "e-1") -> list[DeviceLink]:
+        """n registered wristbands speaking MQTT 5 as the contract says (0x10: send again)."""
+        host, port = self.broker.host, self.broker.port
+        accounts = self._register_wristbands(n, elder)
+        links = [DeviceLink(d, a.password, host, port).connect() for d, a in accounts.items()]
+        self.opened.extend(links)
+        return links
 
     def hub_with_stranger(self) -> Device:
         """A registered hub with one attached sensor, connected (it will name a stranger)."""

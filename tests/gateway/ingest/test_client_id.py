@@ -1,4 +1,4 @@
-"""Worker client ids: stable across restarts, unique among the workers of one host."""
+"""Worker client ids: stable across restarts; with a shared group, unique among a host's workers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from eldercare.gateway.settings import Settings
 CLAIM = (
     "import sys, time; from eldercare.gateway.ingest.worker import default_client_id;"
     "from eldercare.gateway.settings import Settings;"
-    "print(default_client_id(Settings()), flush=True); sys.stdin.read()"
+    "print(default_client_id(Settings(mqtt_shared_group='ingest')), flush=True); sys.stdin.read()"
 )
 
 
@@ -25,6 +25,12 @@ def claim_in_child() -> tuple[subprocess.Popen, str]:
 
 def test_configured_client_id_wins() -> None:
     assert default_client_id(Settings(mqtt_client_id="ingest-a")) == "ingest-a"
+    assert default_client_id(Settings(mqtt_client_id="ingest-a", mqtt_shared_group="g")) == "ingest-a"
+
+
+def test_without_a_shared_group_every_worker_uses_the_one_session() -> None:
+    """Same id on every host and container: the lease, not the id, says who consumes."""
+    assert default_client_id(Settings()) == "eldercare-ingest"
 
 
 def test_concurrent_workers_get_distinct_ids_and_a_restart_gets_its_slot_back() -> None:

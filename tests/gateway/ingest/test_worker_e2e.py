@@ -135,8 +135,8 @@ def test_kill_9_mid_stream_then_restart_stores_every_message_exactly_once(ingest
 def test_two_workers_share_the_load_without_loss(ingest) -> None:
     needs_mosquitto_guarantees(ingest, "shared subscriptions ($share)")
     n = 4_000
-    first = ingest.worker("a").start()
-    second = ingest.worker("b").start()
+    first = ingest.worker("a", shared=True).start()
+    second = ingest.worker("b", shared=True).start()
     devices = ingest.devices(10)
     probe = ingest.wait_until_subscribed(first, devices[0], also=[second])
     publisher = Publisher(devices, n, rate=2_000)
@@ -301,8 +301,8 @@ def test_rule_set_named_in_settings_commits_with_the_readings_or_not_at_all(inge
 def test_retiring_a_slot_drains_its_share_and_removes_its_session(ingest) -> None:
     """Mosquitto queues a stopped group member's share; --retire drains it and ends the session."""
     needs_mosquitto_guarantees(ingest, "shared subscriptions ($share)")
-    stay = ingest.worker("a").start()
-    leave = ingest.worker("b").start()
+    stay = ingest.worker("a", shared=True).start()
+    leave = ingest.worker("b", shared=True).start()
     devices = ingest.devices(5)
     probes = ingest.wait_until_subscribed(stay, devices[0], also=[leave])
     assert leave.stop() == 0
