@@ -96,7 +96,9 @@ def write_doc() -> None:
     """Rewrite the doc's catalog sections from the packaged catalog."""
     text = DOC.read_text(encoding="utf-8")
     for section, body in _rendered(load_catalog()).items():
-        text = _pattern(section).sub(lambda m, body=body: m.group(1) + body + m.group(3), text)
+        match = _pattern(section).search(text)
+        assert match, f"{DOC.name}: markers <!-- catalog:{section} begin/end --> missing"
+        text = text[: match.start(2)] + body + text[match.end(2) :]
     DOC.write_text(text, encoding="utf-8")
     print(f"rewrote the catalog sections of {DOC}")
 

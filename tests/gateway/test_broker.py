@@ -22,8 +22,10 @@ from eldercare.devices.credentials import (
     verify_password,
 )
 from eldercare.gateway.broker import (
+    INSTALL_MOSQUITTO,
     MqttAccount,
     ProjectBroker,
+    mosquitto_path,
     mqtt_connack,
     packaged_mosquitto_file,
     render_acl,
@@ -280,7 +282,9 @@ def test_password_hashed_by_credentials_is_accepted_by_mosquitto(
     assert mqtt_connack(host, port, dev_id, password + "x") == 5  # 3.1.1: not authorised
 
 
-@pytest.mark.skipif(not shutil.which("mosquitto_passwd"), reason="mosquitto_passwd not installed")
+@pytest.mark.skipif(
+    not shutil.which("mosquitto_passwd"), reason=f"mosquitto_passwd not installed ({INSTALL_MOSQUITTO})"
+)
 def test_hash_from_mosquitto_passwd_verifies_and_round_trips(tmp_path: Path) -> None:
     pwfile = tmp_path / "passwd"
     pwfile.touch()
@@ -327,8 +331,8 @@ def test_burst_to_an_offline_persistent_session_is_delivered_in_full(
 
 
 def test_queued_messages_and_accounts_survive_a_broker_restart(tmp_path: Path, clients) -> None:
-    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
-        pytest.skip("no mosquitto binary")
+    if mosquitto_path() is None:
+        pytest.skip(f"no mosquitto binary ({INSTALL_MOSQUITTO})")
     own = ProjectBroker(tmp_path / "mqtt", backend="mosquitto").start()
     try:
         dev = own.add_user("w-0001")
