@@ -10,6 +10,10 @@ Resolved details the spec leaves open (the module's tests pin each one):
 - Order of whole-message checks: too_large, topic (schema), registry (unknown_device,
   device_disabled), JSON (malformed_json). An unregistered publisher's payload is not decoded.
 - A hub topic whose id is registered but not as a hub is ``unknown_device`` ("no such hub").
+- A hub message naming sub-devices that are unregistered or attached elsewhere: the first
+  ``NAMED_STRANGERS`` get a Rejection each, under their own id; the rest one Rejection per
+  reason under the hub's id, with their count. So what a hub names costs one dict lookup per
+  id and a bounded number of Rejections, however many ids it names.
 - Telemetry may carry ``metrics`` (with ``ts``), ``samples``, or both; both are processed.
   ``too_old`` and sample-level ``schema`` count samples (a top-level ``metrics`` block is one
   sample); metric-level reasons count metrics; hub-level reasons count sub-devices.
@@ -22,6 +26,18 @@ Resolved details the spec leaves open (the module's tests pin each one):
 - A retained message (a status or Last Will replayed by the broker) is not evidence the device
   is alive now: it never puts the device into ``seen_devices``.
 - A reading with a clock_skew flag never feeds rules, so it never makes a message immediate.
+- An empty payload on ``status`` is a device clearing its retained status (contract v1): not
+  an error, not dead-lettered. It becomes a field-less StatusUpdate at the receive time (so
+  every message still means something) and never marks the device seen. It is judged after
+  the registry checks, like any message: from a disabled device it is ``device_disabled``.
+- A reading is identified by (device, metric, time). A message that repeats one (a buffered
+  upload sending a sample twice) keeps the first, in the order read (``samples`` in order,
+  then the top-level ``metrics``), whatever the later values; the repeats are dropped and
+  counted in ``Interpretation.repeated`` (stored as ``duplicate`` in device_rejections, like a
+  redelivered message: counted, not stored twice, not dead-lettered). Clock-skewed readings
+  are exempt: they all carry the receive time, which is not theirs. Readings of different
+  messages are never compared here (each message is its own record; redeliveries of one are
+  caught by msg_id).
 """
 
 from __future__ import annotations
@@ -71,6 +87,10 @@ COMMAND_ACK_KIND = "command_ack"  # DeviceEvent.kind of a commands/ack message
 MAX_SAMPLES = 1000
 # Offenders named in a Rejection's detail; the rest are counted as "(+N more)".
 DETAIL_OFFENDERS = 3
+# Sub-devices a hub message may name that are unregistered or attached elsewhere, each with a
+# Rejection of its own (the ids the ingest worker re-reads from the registry, in case one was
+# registered a moment ago); the rest are counted in one Rejection under the hub.
+NAMED_STRANGERS = 100
 
 # RFC 3339 date-time with a mandatory offset ("T" may be "t" or a space, RFC 3339 5.6 note).
 _RFC3339 = re.compile(
@@ -185,6 +205,12 @@ class _Run:
         if not info.enabled:
             self.reject(DEVICE_DISABLED, ident, f"{kind} {ident} is disabled")
             return
+        if not payload and channel == STATUS:
+            # A device clearing its retained status (MQTT deletes a retained message with an
+            # empty one): not an error. A field-less status at the receive time, so the message
+            # still means something; no sign of life, since anyone allowed could clear it.
+            out.statuses.append(StatusUpdate(ident, self.now_dt(), None))
+            return
         try:
             body = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
@@ -225,6 +251,14 @@ class _Run:
                 out.rejections.append(Rejection(reason, detail, device_id, count))
         return out
 
+    def counted(self, key: tuple[str, str | None]) -> bool:
+        """Count one more refused item if ``key`` already names all the offenders it shows."""
+        entry = self._rejects.get(key) if self._rejects else None
+        if entry is None or len(entry[1]) < DETAIL_OFFENDERS:
+            return False
+        entry[0] += 1
+        return True
+
     def reject(self, reason: str, device_id: str | None, what: str) -> None:
         """Count one refused item under (reason, device_id), naming the first few."""
         if self._rejects is None:
@@ -247,16 +281,21 @@ class _Run:
             self.reject(SCHEMA, hub_id, f"devices: {what}")
             return
         out = self.out
-        registry = self.registry
+        lookup = self.registry.lookup
+        strangers = 0
         for sub_id, sub in devices.items():
-            if not _DEVICE_ID_OK(sub_id):
-                self.reject(SCHEMA, hub_id, f"devices: {_clip(sub_id, 70)!r} is not a device id")
-                continue
-            info = registry.get(sub_id)
-            if info is None:
-                self.reject(UNKNOWN_DEVICE, sub_id, f"device {sub_id} is not registered")
-            elif info.hub_id != hub_id:
-                self.reject(NOT_ATTACHED_TO_HUB, sub_id, f"{sub_id} is not attached to {hub_id}")
+            info = lookup(sub_id)
+            if info is None or info.hub_id != hub_id:
+                # Cheap per id, whatever a hub names: one dict lookup, and a description
+                # only for the first few of each rejection.
+                if info is None and not _DEVICE_ID_OK(sub_id):
+                    key = (SCHEMA, hub_id)
+                else:
+                    strangers += 1
+                    reason = UNKNOWN_DEVICE if info is None else NOT_ATTACHED_TO_HUB
+                    key = (reason, sub_id if strangers <= NAMED_STRANGERS else hub_id)
+                if not self.counted(key):
+                    self.reject(*key, _stranger(key[0], sub_id, hub_id))
             elif not info.enabled:
                 self.reject(DEVICE_DISABLED, sub_id, f"device {sub_id} is disabled")
             elif type(sub) is not dict:
@@ -282,6 +321,8 @@ class _Run:
         if metrics is _MISSING and samples is _MISSING:
             self.reject(SCHEMA, device_id, "telemetry: needs metrics (with ts) or samples")
             return
+        # (metric, time) of this device's readings so far, when the message can repeat one.
+        taken: set[tuple[str, datetime]] | None = None if samples is _MISSING else set()
         if samples is not _MISSING:
             if type(samples) is not list or not samples:
                 self.reject(SCHEMA, device_id, "samples: must be a non-empty list")
@@ -296,12 +337,13 @@ class _Run:
                             sample.get("ts", _MISSING),
                             sample.get("metrics", _MISSING),
                             f"samples[{i}].",
+                            taken,
                         )
                     else:
                         self.reject(SCHEMA, device_id, f"samples[{i}]: must be an object")
         stamp = None
         if metrics is not _MISSING:
-            stamp = self.sample(info, body.get("ts", _MISSING), metrics, "")
+            stamp = self.sample(info, body.get("ts", _MISSING), metrics, "", taken)
         battery = body.get("battery")
         if battery is not None:
             if _is_percent(battery):
@@ -311,8 +353,19 @@ class _Run:
             else:
                 self.reject(SCHEMA, device_id, "battery: must be a number 0-100")
 
-    def sample(self, info: DeviceInfo, ts: Any, metrics: Any, where: str) -> datetime | None:
-        """Readings of one {ts, metrics} block; the time used, or None if it was refused."""
+    def sample(
+        self,
+        info: DeviceInfo,
+        ts: Any,
+        metrics: Any,
+        where: str,
+        taken: set[tuple[str, datetime]] | None = None,
+    ) -> datetime | None:
+        """Readings of one {ts, metrics} block; the time used, or None if it was refused.
+
+        ``taken``: (metric, time) of the device's readings earlier in the message; a reading
+        already there is a repeat, dropped and counted (the first one wins).
+        """
         device_id = info.device_id
         if type(metrics) is not dict or not metrics:
             what = "missing" if metrics is _MISSING else "must be a non-empty object"
@@ -349,6 +402,12 @@ class _Run:
             if not low <= value <= high:
                 self.reject(OUT_OF_RANGE, device_id, f"{where}{name}={value:.6g} outside {low:g}-{high:g}")
                 continue
+            if taken is not None and not skewed:  # a skewed reading's time is not its own
+                key = (name, time)
+                if key in taken:
+                    out.repeated += 1
+                    continue
+                taken.add(key)
             append(Reading(time, device_id, elder_id, name, value, [flag] if flag else []))
             if (value < emergency_below or value > emergency_above) and not skewed:
                 out.immediate = True
@@ -513,6 +572,15 @@ class _Run:
         if parsed is None:
             return datetime.fromtimestamp(epoch, UTC), flag
         return parsed.astimezone(UTC), flag
+
+
+def _stranger(reason: str, sub_id: str, hub_id: str) -> str:
+    """What is wrong with a sub-device a hub has no business with."""
+    if reason == SCHEMA:
+        return f"devices: {_clip(sub_id, 70)!r} is not a device id"
+    if reason == UNKNOWN_DEVICE:
+        return f"device {sub_id} is not registered"
+    return f"{sub_id} is not attached to {hub_id}"
 
 
 def _is_percent(value: Any) -> bool:

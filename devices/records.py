@@ -103,6 +103,8 @@ class Interpretation:
     ``immediate`` is true when the message must not wait for its batch (an event, or a
     reading past an emergency threshold). ``skewed`` counts readings and events whose
     clock was ahead and got the receive time instead (a flag, not a rejection).
+    ``repeated`` counts readings dropped because the message already had one for the same
+    (device, metric, time): the first wins (counted as duplicates, never dead-lettered).
     """
 
     source_id: str | None = None
@@ -114,6 +116,7 @@ class Interpretation:
     seen_devices: list[str] = field(default_factory=list)
     immediate: bool = False
     skewed: int = 0
+    repeated: int = 0
 
     @property
     def accepted(self) -> bool:

@@ -5,6 +5,24 @@ events and dead letters, updates device status, counts rejections per device, le
 set write its decisions, and commits. The caller acknowledges the messages only after
 ``write`` returns. A batch the database refuses for a data reason is split so one bad
 message can never poison the others: the bad one becomes a dead letter on its own.
+
+Dead letters are stored per message, never per item, so what a message names does not
+change what it costs:
+- One ``dead_letters`` row per reason of a message. ``item_count`` is how many items
+  (metrics, samples, sub-devices) that reason refused; ``detail`` names the first few
+  offenders; ``device_id`` is the device they belong to when they are all one device, else
+  the publisher (a hub naming several sub-devices).
+- The raw payload is stored once per message, on its first row (the lowest id); its other
+  rows (other reasons) carry ``payload`` NULL, the same ``received_at``, ``topic``,
+  ``msg_id`` and ``payload_size``.
+- Per-device counts (``device_rejections``) stay per item and per device, except that
+  sub-devices a hub names that are not registered or not attached to it are counted against
+  the hub: a hub cannot make rows appear for ids of its choosing.
+- Each publisher has a budget of dead-letter bytes per window (payload, detail and a fixed
+  overhead per row; default 256 KiB an hour). A rejected message that does not fit is not
+  stored; its rejections are still counted per reason, and the message is counted as
+  ``dead_letter_budget`` in ``device_rejections`` and in ``BatchResult.unstored_dead_letters``.
+  So no device can fill the disk: at most 6 MiB a day each, whatever it sends.
 """
 
 from __future__ import annotations
@@ -20,7 +38,15 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from eldercare.alerts.ruleset import NoRules, RuleBatch, RuleSet
-from eldercare.devices.records import CLOCK_SKEW, DUPLICATE, SCHEMA, Interpretation, Rejection
+from eldercare.devices.records import (
+    CLOCK_SKEW,
+    DUPLICATE,
+    NOT_ATTACHED_TO_HUB,
+    SCHEMA,
+    UNKNOWN_DEVICE,
+    Interpretation,
+    Rejection,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +60,19 @@ INTERNAL_ERROR = "internal_error"
 #: last_seen is written at most this often per device (seconds), to spare the devices table
 #: a row update per message; a change of online state is always written at once.
 LAST_SEEN_RESOLUTION_S = 30.0
+
+#: Dead-letter bytes a publisher may write per window (see the module docstring).
+DEAD_LETTER_BUDGET_BYTES = 256 * 1024
+DEAD_LETTER_WINDOW_S = 3600.0
+#: What a dead-letter row costs beside its payload and detail, for the budget (row header,
+#: the other columns, index entries).
+DEAD_LETTER_ROW_BYTES = 200
+#: ``device_rejections`` reason of a rejected message not stored for want of budget.
+OVER_BUDGET = "dead_letter_budget"
+#: Devices a multi-device dead letter names in its detail; the rest are counted.
+DETAIL_DEVICES = 3
+#: Reasons that name a sub-device the hub has no business with: counted against the hub.
+_HUB_FAULTS = frozenset({UNKNOWN_DEVICE, NOT_ATTACHED_TO_HUB})
 
 
 @dataclass(slots=True)
@@ -62,6 +101,8 @@ class BatchResult:
     rejected: Counter[str] = field(default_factory=Counter)
     skewed: int = 0
     isolated_failures: int = 0
+    repeated: int = 0  # readings a message repeated (same device, metric, time), not stored
+    unstored_dead_letters: int = 0  # rejected messages over their publisher's budget
 
     def add(self, other: BatchResult) -> None:
         self.messages += other.messages
@@ -72,6 +113,26 @@ class BatchResult:
         self.rejected.update(other.rejected)
         self.skewed += other.skewed
         self.isolated_failures += other.isolated_failures
+        self.repeated += other.repeated
+        self.unstored_dead_letters += other.unstored_dead_letters
+
+
+def _dead_letter_row(
+    reason: str, rejections: list[Rejection], source: str | None
+) -> tuple[str | None, str, tuple[str, int]]:
+    """(device_id, detail, (reason, item count)) of a message's dead letter for one reason."""
+    count = sum(r.count for r in rejections)
+    if len(rejections) == 1:
+        only = rejections[0]
+        return only.device_id or source, only.detail, (reason, count)
+    shown = rejections[:DETAIL_DEVICES]
+    detail = "; ".join(
+        r.detail if r.device_id and r.device_id in r.detail else f"{r.device_id}: {r.detail}" for r in shown
+    )
+    rest = count - sum(r.count for r in shown)
+    if rest:
+        detail += f" (+{rest} more)"
+    return source, detail, (reason, count)
 
 
 def _dumps(obj: object) -> str:
@@ -85,10 +146,20 @@ def _utc(ts: float) -> datetime:
 class BatchWriter:
     """Writes batches through one connection; ``write`` is one transaction (or a few, split)."""
 
-    def __init__(self, flavour: str, rules: RuleSet | None = None) -> None:
+    def __init__(
+        self,
+        flavour: str,
+        rules: RuleSet | None = None,
+        dead_letter_budget: int = DEAD_LETTER_BUDGET_BYTES,
+        dead_letter_window_s: float = DEAD_LETTER_WINDOW_S,
+    ) -> None:
         self.flavour = flavour
         self.rules = rules or NoRules()
+        self.dead_letter_budget = dead_letter_budget
+        self.dead_letter_window_s = dead_letter_window_s
         self._last_seen_written: dict[str, float] = {}
+        # publisher -> (window number, dead-letter bytes written in it), committed batches only
+        self._dead_letter_spent: dict[str | None, tuple[int, int]] = {}
 
     def write(self, conn: psycopg.Connection, batch: Sequence[Received]) -> BatchResult:
         """Store a batch in one transaction; on a refusal, isolate the message(s) behind it.
@@ -149,6 +220,7 @@ class BatchWriter:
             seen: dict[str, float] = {}
             statuses: dict[str, tuple] = {}
             in_batch: set[tuple[str, str]] = set()
+            spent: dict[str | None, tuple[int, int]] = {}  # budgets as this batch leaves them
 
             day = _utc(batch[-1].received_at).date()  # counts go to the batch's (UTC) day
             for msg in batch:
@@ -162,25 +234,12 @@ class BatchWriter:
                     in_batch.add(key)
                 if it.accepted:
                     result.stored_messages += 1
-                for rej in it.rejections:
-                    result.rejected[rej.reason] += rej.count
-                    owner = rej.device_id or it.source_id
-                    if owner:
-                        counts[(owner, day, rej.reason)] += rej.count
-                    dead.append(
-                        (
-                            _utc(msg.received_at),
-                            msg.topic,
-                            owner,
-                            it.msg_id,
-                            rej.reason,
-                            rej.detail,
-                            rej.count,
-                            msg.payload[:PAYLOAD_CAP],
-                            len(msg.payload),
-                            len(msg.payload) > PAYLOAD_CAP,
-                        )
-                    )
+                if it.rejections:
+                    self._dead_letter(msg, day, result, counts, dead, spent)
+                if it.repeated:
+                    result.repeated += it.repeated
+                    if it.source_id:
+                        counts[(it.source_id, day, DUPLICATE)] += it.repeated
                 if it.skewed:
                     result.skewed += it.skewed
                     if it.source_id:
@@ -227,7 +286,77 @@ class BatchWriter:
                 self._count_rejections(cur, counts)
             self._update_devices(cur, seen, statuses)
             self.rules.apply(cur, RuleBatch(rule_readings, rule_events, datetime.now(UTC)))
+        self._spend(spent)  # committed: the bytes are on disk
         return result
+
+    def _dead_letter(
+        self,
+        msg: Received,
+        day: date,
+        result: BatchResult,
+        counts: Counter[tuple[str, date, str]],
+        dead: list,
+        spent: dict[str | None, tuple[int, int]],
+    ) -> None:
+        """Count a message's rejections; queue its dead-letter rows if its publisher's budget allows."""
+        it = msg.interp
+        source = it.source_id
+        by_reason: dict[str, list[Rejection]] = {}
+        for rej in it.rejections:
+            result.rejected[rej.reason] += rej.count
+            owner = rej.device_id or source
+            if source and owner != source and rej.reason in _HUB_FAULTS:
+                owner = source
+            if owner:
+                counts[(owner, day, rej.reason)] += rej.count
+            by_reason.setdefault(rej.reason, []).append(rej)
+        rows = [_dead_letter_row(reason, rejections, source) for reason, rejections in by_reason.items()]
+        payload = msg.payload[:PAYLOAD_CAP]
+        cost = len(payload) + sum(len(detail) + DEAD_LETTER_ROW_BYTES for _, detail, _ in rows)
+        if not self._afford(source, msg.received_at, cost, spent):
+            result.unstored_dead_letters += 1
+            if source:
+                counts[(source, day, OVER_BUDGET)] += 1
+            return
+        received_at, size = _utc(msg.received_at), len(msg.payload)
+        for i, (device_id, detail, (reason, count)) in enumerate(rows):
+            dead.append(
+                (
+                    received_at,
+                    msg.topic,
+                    device_id,
+                    it.msg_id,
+                    reason,
+                    detail,
+                    count,
+                    payload if i == 0 else None,  # the payload once per message
+                    size,
+                    size > PAYLOAD_CAP,
+                )
+            )
+
+    def _afford(
+        self, source: str | None, received_at: float, cost: int, spent: dict[str | None, tuple[int, int]]
+    ) -> bool:
+        """Take ``cost`` bytes from the publisher's budget for this window, if it has them."""
+        window = int(received_at // self.dead_letter_window_s)
+        at, used = spent.get(source) or self._dead_letter_spent.get(source) or (window, 0)
+        if at != window:
+            at, used = window, 0
+        if used + cost > self.dead_letter_budget:
+            return False
+        spent[source] = (window, used + cost)
+        return True
+
+    def _spend(self, spent: dict[str | None, tuple[int, int]]) -> None:
+        """Record what a committed batch took from the budgets; forget windows long gone."""
+        if not spent:
+            return
+        budgets = self._dead_letter_spent
+        budgets.update(spent)
+        if len(budgets) > 10_000:
+            latest = max(at for at, _ in budgets.values())
+            self._dead_letter_spent = {k: v for k, v in budgets.items() if v[0] >= latest}
 
     def _claim_receipts(self, cur: psycopg.Cursor, batch: Sequence[Received]) -> set[tuple[str, str]]:
         """Insert the batch's (publisher, msg_id) receipts; return the keys already there.

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from eldercare.devices.catalog import load_catalog
-from eldercare.devices.interpret import Policy, interpret
+from eldercare.devices.interpret import NAMED_STRANGERS, Policy, interpret
 from eldercare.devices.records import (
     CLOCK_SKEW,
     DEVICE_DISABLED,
@@ -325,10 +325,60 @@ def test_metrics_and_samples_in_one_message_are_both_processed() -> None:
 
 
 def test_a_thousand_samples_are_accepted_and_more_is_schema() -> None:
-    sample = {"ts": NOW_MS, "metrics": {"steps": 1}}
-    assert len(run(device("telemetry"), {"msg_id": "m-1", "samples": [sample] * 1000}).readings) == 1000
-    rejection = only_rejection(run(device("telemetry"), {"msg_id": "m-1", "samples": [sample] * 1001}))
+    samples = [{"ts": NOW_MS - 1000 * i, "metrics": {"steps": 1}} for i in range(1001)]
+    assert len(run(device("telemetry"), {"msg_id": "m-1", "samples": samples[:1000]}).readings) == 1000
+    rejection = only_rejection(run(device("telemetry"), {"msg_id": "m-1", "samples": samples}))
     assert rejection.reason == SCHEMA and "1001" in rejection.detail
+
+
+def test_five_identical_samples_are_one_reading_and_four_repeats() -> None:
+    sample = {"ts": NOW_MS, "metrics": {"heart_rate": 72}}
+    result = run(device("telemetry"), {"msg_id": "m-1", "samples": [sample] * 5})
+    assert [(r.metric, r.value) for r in result.readings] == [("heart_rate", 72.0)]
+    assert result.repeated == 4 and result.rejections == []
+
+
+def test_a_repeated_reading_keeps_the_first_value_whatever_the_later_ones_say() -> None:
+    # Same instant written two ways (epoch ms and RFC 3339): one reading, the first.
+    result = run(
+        device("telemetry"),
+        {
+            "msg_id": "m-1",
+            "samples": [
+                {"ts": NOW_MS, "metrics": {"heart_rate": 72, "spo2": 97}},
+                {"ts": TS, "metrics": {"heart_rate": 90}},
+                {"ts": NOW_MS - 60_000, "metrics": {"heart_rate": 71}},
+            ],
+            "ts": NOW_MS,
+            "metrics": {"spo2": 95},
+        },
+    )
+    assert sorted((r.metric, r.value) for r in result.readings) == [
+        ("heart_rate", 71.0),
+        ("heart_rate", 72.0),
+        ("spo2", 97.0),
+    ]
+    assert result.repeated == 2
+
+
+def test_repeats_are_per_device_in_a_hub_message() -> None:
+    sample = {"ts": NOW_MS, "metrics": {"bed_occupied": 1}}
+    result = run(
+        hub("telemetry"),
+        {
+            "msg_id": "h-1",
+            "devices": {"bed-1": {"samples": [sample, sample]}, "door-1": {"samples": [sample]}},
+        },
+    )
+    assert sorted(r.device_id for r in result.readings) == ["bed-1", "door-1"]
+    assert result.repeated == 1
+
+
+def test_clock_skewed_samples_are_not_repeats_of_each_other() -> None:
+    # Both get the receive time, which is not theirs: neither is dropped.
+    future = [{"ts": NOW_MS + 3_600_000 + i, "metrics": {"heart_rate": 70 + i}} for i in range(2)]
+    result = run(device("telemetry"), {"msg_id": "m-1", "samples": future})
+    assert len(result.readings) == 2 and result.repeated == 0 and result.skewed == 2
 
 
 @pytest.mark.parametrize("samples", [[], {}, "x", None])
@@ -538,6 +588,23 @@ def test_hub_wrapped_telemetry_is_stored_per_sub_device_and_others_rejected() ->
     assert result.seen_devices == ["bed-1", "hub-1"]
 
 
+def test_a_hub_naming_thousands_of_strangers_yields_a_bounded_number_of_rejections() -> None:
+    strangers = {f"gh-{i:05d}": 0 for i in range(4000)}
+    attached_elsewhere = {"bed-2": 0, "w-1": 0}
+    invalid = {f"bad id {i}": 0 for i in range(50)}
+    devices = {**strangers, **attached_elsewhere, **invalid}
+    result = run(hub("telemetry"), {"msg_id": "h-1", "devices": devices})
+    counts = reasons(result)
+    named = {device for (reason, device) in counts if reason == UNKNOWN_DEVICE and device != "hub-1"}
+    # The first NAMED_STRANGERS are named (their ids are re-read from the registry), in order.
+    assert named == {f"gh-{i:05d}" for i in range(NAMED_STRANGERS)}
+    assert counts[(UNKNOWN_DEVICE, "hub-1")] == 4000 - NAMED_STRANGERS
+    assert counts[(NOT_ATTACHED_TO_HUB, "hub-1")] == 2  # named after the first hundred
+    assert counts[(SCHEMA, "hub-1")] == 50
+    assert len(result.rejections) == NAMED_STRANGERS + 3
+    assert all(len(r.detail) <= 600 for r in result.rejections)
+
+
 def test_hub_sub_devices_may_upload_buffered_samples() -> None:
     samples = [{"ts": NOW_MS - i * 60_000, "metrics": {"motion": i % 2}} for i in range(20)]
     result = run(hub("telemetry"), {"msg_id": "h-9", "devices": {"door-1": {"samples": samples}}})
@@ -702,6 +769,23 @@ def test_a_status_with_no_fields_is_a_heartbeat() -> None:
     result = run(device("status"), {"uptime_s": 5})
     assert result.statuses == [StatusUpdate("w-1", NOW_DT, None)]
     assert result.rejections == [] and result.seen_devices == ["w-1"]
+
+
+@pytest.mark.parametrize("retained", [True, False], ids=["retained", "live"])
+def test_an_empty_status_clears_the_retained_status_silently(retained: bool) -> None:
+    # The broker forwards a clearing publish live without the retain flag: both mean the same.
+    result = run(device("status"), b"", retained=retained)
+    assert result.rejections == [] and result.statuses == [StatusUpdate("w-1", NOW_DT, None)]
+    assert result.seen_devices == [] and not result.immediate
+
+
+def test_an_empty_status_from_a_disabled_device_is_still_device_disabled() -> None:
+    assert only_rejection(run(device("status", "w-off"), b"")).reason == DEVICE_DISABLED
+
+
+@pytest.mark.parametrize("channel", ["telemetry", "events", "commands/ack"])
+def test_an_empty_payload_elsewhere_is_malformed_json(channel: str) -> None:
+    assert only_rejection(run(device(channel), b"")).reason == MALFORMED_JSON
 
 
 def test_bad_status_fields_are_rejected_and_good_ones_kept() -> None:

@@ -174,6 +174,9 @@ def check(result: Interpretation) -> None:
         assert not {"msg_id", "ts"} & set(event.details)
         skewed += event.flags == [CLOCK_SKEW]
     assert result.skewed == skewed
+    # a reading is (device, metric, time): a message never yields one twice (skewed ones aside)
+    identities = [(r.device_id, r.metric, r.time) for r in result.readings if r.flags != [CLOCK_SKEW]]
+    assert len(identities) == len(set(identities))
     assert result.immediate == (bool(result.events) or banded)
     if not result.accepted:
         assert result.seen_devices == [] and not result.immediate

@@ -89,3 +89,25 @@ def test_duplicate_is_counted_not_stored(conn) -> None:
     assert conn.execute("SELECT count(*) FROM observations").fetchone()[0] == 1
     assert conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 0
     assert conn.execute("SELECT count FROM device_rejections WHERE reason = 'duplicate'").fetchone()[0] == 2
+
+
+def test_an_empty_status_clearing_the_retained_one_is_no_dead_letter(conn) -> None:
+    registry = load_registry(conn)
+    conn.commit()
+    topic = "eldercare/v1/devices/w-1/status"
+    interp = interpret(topic, b"", NOW, registry, Policy(load_catalog()), retained=True)
+    result = BatchWriter("plain").write(conn, [Received(topic, b"", NOW, interp, retained=True)])
+    assert result.rejected == {} and result.messages == 1
+    assert conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM device_rejections").fetchone()[0] == 0
+
+
+def test_five_identical_samples_are_stored_once_and_four_counted_as_duplicates(conn) -> None:
+    payload = orjson.dumps({"msg_id": "up-1", "samples": [{"ts": MS, "metrics": {"heart_rate": 70}}] * 5})
+    registry = load_registry(conn)
+    conn.commit()
+    interp = interpret(DEV, payload, NOW, registry, Policy(load_catalog()))
+    BatchWriter("plain").write(conn, [Received(DEV, payload, NOW, interp)])
+    assert conn.execute("SELECT count(*) FROM observations").fetchone()[0] == 1
+    assert conn.execute("SELECT count FROM device_rejections WHERE reason = 'duplicate'").fetchone()[0] == 4
+    assert conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 0

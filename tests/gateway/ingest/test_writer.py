@@ -11,6 +11,8 @@ from eldercare.alerts.ruleset import RuleBatch
 from eldercare.devices.records import (
     CLOCK_SKEW,
     OUT_OF_RANGE,
+    UNKNOWN_DEVICE,
+    UNKNOWN_METRIC,
     DeviceEvent,
     Interpretation,
     Reading,
@@ -18,7 +20,7 @@ from eldercare.devices.records import (
     StatusUpdate,
 )
 from eldercare.gateway.store.devices import add_device
-from eldercare.gateway.store.writer import INTERNAL_ERROR, BatchWriter, Received
+from eldercare.gateway.store.writer import INTERNAL_ERROR, OVER_BUDGET, BatchWriter, Received
 
 NOW = 1_790_000_000.0  # 2026-09-21, a fixed receive time
 T = datetime.fromtimestamp(NOW, UTC)
@@ -99,6 +101,119 @@ def test_huge_payload_is_kept_truncated(conn) -> None:
         "SELECT payload_size, length(payload), payload_truncated FROM dead_letters"
     ).fetchone()
     assert (size, stored, truncated) == (70_000, 65_536, True)
+
+
+def rejected(topic: str, payload: bytes, *rejections: Rejection, at: float = NOW) -> Received:
+    source = topic.split("/")[3]
+    interp = Interpretation(source_id=source, msg_id="m1", rejections=list(rejections))
+    return Received(topic, payload, at, interp)
+
+
+HUB = "eldercare/v1/hubs/hub-0001/telemetry"
+
+
+def test_a_hub_naming_4000_strangers_is_one_dead_letter_counted_against_the_hub(conn) -> None:
+    add_device(conn, "hub-0001", "hub")
+    named = [Rejection(UNKNOWN_DEVICE, f"device gh-{i} is not registered", f"gh-{i}") for i in range(100)]
+    rest = Rejection(UNKNOWN_DEVICE, "device gh-100 is not registered (+3899 more)", "hub-0001", 3900)
+    payload = b"x" * 56_000
+    result = BatchWriter(flavour(conn)).write(conn, [rejected(HUB, payload, *named, rest)])
+    assert result.rejected == {UNKNOWN_DEVICE: 4000}
+    rows = conn.execute("SELECT device_id, reason, item_count, detail, payload FROM dead_letters").fetchall()
+    assert len(rows) == 1
+    device_id, reason, items, detail, stored = rows[0]
+    assert (device_id, reason, items, bytes(stored)) == ("hub-0001", UNKNOWN_DEVICE, 4000, payload)
+    assert detail.startswith("device gh-0 is not registered; device gh-1") and detail.endswith("(+3997 more)")
+    counts = conn.execute("SELECT device_id, reason, count FROM device_rejections").fetchall()
+    assert counts == [("hub-0001", UNKNOWN_DEVICE, 4000)]  # no row per id the hub made up
+
+
+def test_a_message_refused_for_two_reasons_stores_its_payload_once(conn) -> None:
+    msg = rejected(
+        "eldercare/v1/devices/w-0001/telemetry",
+        b'{"msg_id":"m1","metrics":{"spo2":300,"pulse":1}}',
+        Rejection(OUT_OF_RANGE, "spo2=300 outside 50-100", "w-0001"),
+        Rejection(UNKNOWN_METRIC, "'pulse'", "w-0001"),
+    )
+    BatchWriter(flavour(conn)).write(conn, [msg])
+    rows = conn.execute(
+        "SELECT reason, device_id, payload, payload_size, received_at, topic, msg_id"
+        " FROM dead_letters ORDER BY id"
+    ).fetchall()
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (OUT_OF_RANGE, "w-0001", msg.payload),
+        (UNKNOWN_METRIC, "w-0001", None),
+    ]
+    assert rows[0][3:] == rows[1][3:]  # the two rows of one message: same size, time, topic, msg_id
+
+
+def test_sub_devices_of_a_hub_keep_their_own_counts_but_share_a_dead_letter(conn) -> None:
+    add_device(conn, "hub-0001", "hub")
+    msg = rejected(
+        HUB,
+        b"{}",
+        Rejection(OUT_OF_RANGE, "spo2=300 outside 50-100", "w-0001"),
+        Rejection(OUT_OF_RANGE, "spo2=20 outside 50-100", "w-0002"),
+    )
+    BatchWriter(flavour(conn)).write(conn, [msg])
+    assert conn.execute("SELECT device_id, item_count, detail FROM dead_letters").fetchall() == [
+        ("hub-0001", 2, "w-0001: spo2=300 outside 50-100; w-0002: spo2=20 outside 50-100")
+    ]
+    counts = conn.execute("SELECT device_id, count FROM device_rejections ORDER BY 1").fetchall()
+    assert counts == [("w-0001", 1), ("w-0002", 1)]
+
+
+def test_dead_letters_beyond_a_devices_budget_are_counted_not_stored(conn) -> None:
+    writer = BatchWriter(flavour(conn), dead_letter_budget=100_000, dead_letter_window_s=3600)
+    topic = "eldercare/v1/devices/w-0001/telemetry"
+
+    def flood(at: float, n: int) -> None:
+        for _ in range(n):  # one message a batch: the budget holds across batches
+            writer.write(
+                conn, [rejected(topic, b"x" * 30_000, Rejection("too_old", "ts 1970", "w-0001"), at=at)]
+            )
+
+    flood(NOW, 5)
+    assert count(conn, "SELECT count(*) FROM dead_letters") == 3  # 3 x 30 KB fit in 100 KB
+    other = rejected(
+        "eldercare/v1/devices/w-0002/telemetry", b"y", Rejection("schema", "ts: missing", "w-0002")
+    )
+    writer.write(conn, [other])  # another device's budget is its own
+    assert count(conn, "SELECT count(*) FROM dead_letters WHERE device_id = 'w-0002'") == 1
+    counts = dict(conn.execute("SELECT reason, count FROM device_rejections WHERE device_id = 'w-0001'"))
+    assert counts == {"too_old": 5, OVER_BUDGET: 2}  # every rejection counted, stored or not
+    flood(NOW + 3600, 1)  # the next window: a fresh budget
+    assert count(conn, "SELECT count(*) FROM dead_letters WHERE device_id = 'w-0001'") == 4
+
+
+class ConnectionLostOnce:
+    """A rule set whose first call fails as a lost connection would, at the end of a batch."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def apply(self, cur: psycopg.Cursor, batch: RuleBatch) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise psycopg.OperationalError("connection lost")
+
+
+def test_a_batch_that_does_not_commit_spends_no_budget(conn) -> None:
+    writer = BatchWriter(flavour(conn), ConnectionLostOnce(), dead_letter_budget=50_000)
+    big = rejected("eldercare/v1/devices/w-0001/telemetry", b"x" * 40_000, Rejection("too_old", "", "w-0001"))
+    with pytest.raises(psycopg.OperationalError):
+        writer.write(conn, [big])
+    writer.write(conn, [big])  # the committer's retry of the same batch
+    assert count(conn, "SELECT count(*) FROM dead_letters") == 1
+
+
+def test_repeated_readings_of_a_message_count_as_duplicates(conn) -> None:
+    msg = telemetry("w-0001", "m1", {"heart_rate": 72})
+    msg.interp.repeated = 4
+    result = BatchWriter(flavour(conn)).write(conn, [msg])
+    assert (result.readings, result.repeated) == (1, 4)
+    assert count(conn, "SELECT count FROM device_rejections WHERE reason = 'duplicate'") == 4
+    assert count(conn, "SELECT count(*) FROM dead_letters") == 0
 
 
 def test_status_updates_device_and_older_status_does_not_overwrite(conn) -> None:
