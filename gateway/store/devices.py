@@ -22,7 +22,7 @@ CHANNEL = "eldercare_devices"
 #: An id ``recheck`` read is not read again for this long (unless a notification names it).
 RECHECK_EVERY_S = 5.0
 #: Ids ``recheck`` reads per batch at most; a registration a moment old is never that many.
-RECHECK_AT_MOST = 1_000
+RECHECK_AT_MOST = 500
 #: ``recheck`` also reports a change the feed made this recently to one of its ids.
 CHANGED_WITHIN_S = 10.0
 #: Bound of each of the feed's memories (ids checked, ids changed), whatever devices send.
