@@ -13,7 +13,8 @@ Plain PostgreSQL path:
 - rollups of the (elder, metric, hour) marks in ``rollup_dirty_hours`` are recomputed (see
   ``refresh_rollups``).
 TimescaleDB path: policies do partitions, compression, retention and aggregates; this job only
-keeps the retention policies in line with the settings.
+keeps the retention policies in line with the settings and resumes refresh policies that a
+crashed ``timescale.refresh_aggregates`` left paused.
 Both paths: ``message_receipts`` older than the buffer horizon + 1 day and ``dead_letters``
 older than their retention are deleted.
 """
@@ -29,6 +30,7 @@ import psycopg
 from psycopg import sql
 
 from eldercare.gateway.store.migrate import store_flavour
+from eldercare.gateway.store.timescale import AGGREGATES, resume_refresh_policies
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,8 @@ log = logging.getLogger(__name__)
 MAINTENANCE_LOCK_KEY = 0x656C_6465_726D_6E74
 
 PARTITIONED_TABLES = ("observations", "device_events")
-ROLLUP_TABLES = ("observations_1m", "observations_1h", "observations_1d")
+#: Tables on plain PostgreSQL, continuous aggregates on TimescaleDB: the same names.
+ROLLUP_TABLES = AGGREGATES
 #: TimescaleDB: continuous aggregates are refreshed 35 days back; keep them at least that long.
 CAGG_MIN_RETENTION_DAYS = 36
 #: date_bin origin of every bucket: UTC-aligned.
@@ -59,6 +62,7 @@ class MaintenanceReport:
     receipts_deleted: int = 0
     dead_letters_deleted: int = 0
     retention_policies_set: list[str] = field(default_factory=list)
+    refresh_policies_resumed: list[int] = field(default_factory=list)
 
 
 def run_maintenance(
@@ -105,6 +109,7 @@ def run_maintenance(
         report.retention_policies_set = sync_retention_policies(
             conn, retention_days=retention_observations_days
         )
+        report.refresh_policies_resumed = resume_refresh_policies(conn)
     report.receipts_deleted, report.dead_letters_deleted = delete_old_rows(
         conn,
         now,

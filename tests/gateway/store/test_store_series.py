@@ -24,6 +24,7 @@ from eldercare.gateway.store.series import (
     bucket_width,
     bucketed_series,
 )
+from eldercare.gateway.store.timescale import refresh_aggregates
 
 DAY0 = datetime(2031, 3, 3, tzinfo=UTC)  # first day of the data (partitions made around it)
 DAYS = 4
@@ -76,11 +77,7 @@ def _settle(url: str, flavour: str) -> None:
         assert report.hours_refreshed
         return
     with psycopg.connect(url, autocommit=True) as conn:
-        for view in ("observations_1m", "observations_1h", "observations_1d"):
-            # No parameters: CALL goes out as a simple query, outside any transaction block.
-            conn.execute(
-                sql.SQL("CALL refresh_continuous_aggregate({}, NULL, NULL)").format(sql.Literal(view))
-            )
+        refresh_aggregates(conn)
 
 
 def _brute_force(
