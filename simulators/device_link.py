@@ -24,7 +24,12 @@ RESEND_AFTER_S = 0.5
 
 
 class DeviceLink:
-    """One device's connection (client id = username = device id), MQTT 5, QoS 1."""
+    """One device's (or hub's) connection: client id = username = its id, QoS 1.
+
+    MQTT 5 by default; ``protocol="3.1.1"`` for brokers without it (no reason codes there,
+    so only the re-send after a lost connection applies). ``will``: the retained
+    ``{"online": false}`` status the broker publishes if the link dies.
+    """
 
     def __init__(
         self,
@@ -33,12 +38,19 @@ class DeviceLink:
         host: str,
         port: int,
         *,
+        protocol: str = "5",
+        kind: str = "devices",
+        will: bytes | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device_id = device_id
+        self.kind = kind
         self.clock = clock
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
+        version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=version)
         client.username_pw_set(device_id, password)
+        if will is not None:
+            client.will_set(self.topic("status"), will, qos=1, retain=True)
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(1, 2)
@@ -53,24 +65,30 @@ class DeviceLink:
         self.not_taken = 0  # 0x10 answers (each message sent again)
         self.refused = 0  # failure codes (>= 0x80): the broker will never take these
 
-    def connect(self) -> DeviceLink:
-        """Connect and start paho's thread (it reconnects by itself after a loss)."""
-        self.client.connect(self._host, self._port, keepalive=30)
+    def connect(self, wait: bool = True) -> DeviceLink:
+        """Connect and start paho's thread (it reconnects by itself after a loss).
+
+        ``wait=False``: return at once; what is published meanwhile goes out on connecting.
+        """
+        if wait:
+            self.client.connect(self._host, self._port, keepalive=30)
+        else:
+            self.client.connect_async(self._host, self._port, keepalive=30)
         self.client.loop_start()
         return self
 
     def topic(self, channel: str) -> str:
         """This device's topic for ``channel`` (telemetry, events, status, ...)."""
-        return f"eldercare/v1/devices/{self.device_id}/{channel}"
+        return f"eldercare/v1/{self.kind}/{self.device_id}/{channel}"
 
-    def publish(self, channel: str, payload: bytes) -> None:
+    def publish(self, channel: str, payload: bytes, retain: bool = False) -> None:
         """Send one QoS 1 message; it is kept until the broker has taken it."""
-        self._send(self.topic(channel), payload)
+        self._send(self.topic(channel), payload, retain)
         self.pump()
 
-    def _send(self, topic: str, payload: bytes) -> None:
+    def _send(self, topic: str, payload: bytes, retain: bool = False) -> None:
         with self._lock:  # paho's on_publish never takes this lock, so no deadlock with its own
-            info = self.client.publish(topic, payload, qos=1)
+            info = self.client.publish(topic, payload, qos=1, retain=retain)
             self._pending[info.mid] = (topic, payload)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # type: ignore[no-untyped-def]

@@ -15,11 +15,10 @@ import time
 from itertools import count
 
 import orjson
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from eldercare.devices.registry import DeviceInfo
 from eldercare.gateway.broker import MqttAccount
+from eldercare.simulators.device_link import DeviceLink
 
 
 def home_devices(homes: int, prefix: str = "demo") -> list[DeviceInfo]:
@@ -47,15 +46,17 @@ class SimulatedHomes:
         rate: float = 5.0,
         fault_share: float = 0.05,
         seed: int | None = None,
+        protocol: str = "3.1.1",
     ) -> None:
         self.devices = devices
+        self.protocol = protocol
         self.accounts = accounts
         self.rate = rate
         self.fault_share = fault_share
         self.random = random.Random(seed)
         self.published = 0
         self._stop = threading.Event()
-        self._clients: dict[str, mqtt.Client] = {}
+        self._clients: dict[str, DeviceLink] = {}
         self._seq = count(int(time.time()))
         self._thread = threading.Thread(target=self._run, name="simulated-homes", daemon=True)
 
@@ -69,59 +70,51 @@ class SimulatedHomes:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        for client in self._clients.values():
-            client.disconnect()  # a clean disconnect: no Last Will
-            client.loop_stop()
+        for link in self._clients.values():
+            link.close()  # a clean disconnect: no Last Will
 
-    def _connect(self, device: DeviceInfo) -> mqtt.Client:
+    def _connect(self, device: DeviceInfo) -> DeviceLink:
+        """A link that keeps each message until the broker took it (0x10: sent again)."""
         account = self.accounts[device.device_id]
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=account.client_id)
-        client.username_pw_set(account.username, account.password)
-        kind = "hubs" if device.type == "hub" else "devices"
-        client.will_set(
-            f"eldercare/v1/{kind}/{device.device_id}/status",
-            orjson.dumps({"online": False}),
-            qos=1,
-            retain=True,
-        )
-        client.connect_async(account.host, account.port, keepalive=30)
-        client.loop_start()
-        return client
+        return DeviceLink(
+            account.username,
+            account.password,
+            account.host,
+            account.port,
+            protocol=self.protocol,
+            kind="hubs" if device.type == "hub" else "devices",
+            will=orjson.dumps({"online": False}),
+        ).connect(wait=False)
 
     def _run(self) -> None:
-        for device_id, client in self._clients.items():
-            kind = "hubs" if device_id.startswith("hub-") else "devices"
-            client.publish(
-                f"eldercare/v1/{kind}/{device_id}/status",
-                orjson.dumps({"ts": _now_ms(), "online": True, "battery": 80, "firmware": "2.1.0"}),
-                qos=1,
-                retain=True,
-            )
+        for link in self._clients.values():
+            status = {"ts": _now_ms(), "online": True, "battery": 80, "firmware": "2.1.0"}
+            link.publish("status", orjson.dumps(status), retain=True)
         publishers = [d for d in self.devices if d.hub_id is None]
         interval = 1.0 / self.rate
         while not self._stop.wait(interval):
             device = self.random.choice(publishers)
-            topic, payload = self._message(device)
-            self._clients[device.device_id].publish(topic, payload, qos=1)
+            channel, payload = self._message(device)
+            self._clients[device.device_id].publish(channel, payload)
             self.published += 1
 
     def _message(self, device: DeviceInfo) -> tuple[str, bytes]:
+        """(channel, payload) of the device's next message."""
         r = self.random
         msg_id = f"{device.device_id}-{next(self._seq)}"
-        base = f"eldercare/v1/devices/{device.device_id}"
         if r.random() < self.fault_share:
-            return self._fault(base, msg_id)
+            return self._fault(msg_id)
         if device.type == "wristband":
             if r.random() < 0.03:
                 event = r.choice(["sos_pressed", "fall_detected", "fall_recovered", "wearable_removed"])
                 body = {"msg_id": msg_id, "ts": _now_ms(), "event": event, "confidence": 0.9}
-                return f"{base}/events", orjson.dumps(body)
+                return "events", orjson.dumps(body)
             metrics: dict[str, object] = {
                 "heart_rate": r.randint(58, 96),
                 "spo2": r.randint(93, 99),
                 "steps": r.randint(0, 8000),
             }
-            return f"{base}/telemetry", orjson.dumps(
+            return "telemetry", orjson.dumps(
                 {"msg_id": msg_id, "ts": _now_ms(), "metrics": metrics, "battery": r.randint(40, 90)}
             )
         if device.type == "bp_monitor":
@@ -133,7 +126,7 @@ class SimulatedHomes:
                 }
             else:
                 metrics = {"systolic_bp": systolic, "diastolic_bp": diastolic}
-            return f"{base}/telemetry", orjson.dumps({"msg_id": msg_id, "ts": _now_ms(), "metrics": metrics})
+            return "telemetry", orjson.dumps({"msg_id": msg_id, "ts": _now_ms(), "metrics": metrics})
         # a hub relays its bed sensors, as a short buffered batch of samples
         beds = [d for d in self.devices if d.hub_id == device.device_id]
         now = _now_ms()
@@ -150,22 +143,22 @@ class SimulatedHomes:
             for bed in beds
         }
         return (
-            f"eldercare/v1/hubs/{device.device_id}/telemetry",
+            "telemetry",
             orjson.dumps({"msg_id": msg_id, "devices": wrapped}),
         )
 
-    def _fault(self, base: str, msg_id: str) -> tuple[str, bytes]:
+    def _fault(self, msg_id: str) -> tuple[str, bytes]:
         """A faulty message of a kind real vendors send, to be dead-lettered with a reason."""
         kind = self.random.choice(["out_of_range", "unknown_metric", "malformed_json", "unknown_unit"])
         if kind == "malformed_json":
-            return f"{base}/telemetry", b'{"msg_id": "' + msg_id.encode() + b'", "metrics": {'
+            return "telemetry", b'{"msg_id": "' + msg_id.encode() + b'", "metrics": {'
         faults: dict[str, dict[str, object]] = {
             "out_of_range": {"spo2": 140},
             "unknown_metric": {"pulse_wave": 3},
             "unknown_unit": {"heart_rate": {"value": 70, "unit": "bpm"}},
         }
         body = {"msg_id": msg_id, "ts": _now_ms(), "metrics": faults[kind]}
-        return f"{base}/telemetry", orjson.dumps(body)
+        return "telemetry", orjson.dumps(body)
 
 
 def _now_ms() -> int:
