@@ -119,12 +119,12 @@ class BatchResult:
 
 def _dead_letter_row(
     reason: str, rejections: list[Rejection], source: str | None
-) -> tuple[str | None, str, tuple[str, int]]:
-    """(device_id, detail, (reason, item count)) of a message's dead letter for one reason."""
+) -> tuple[str, str | None, str, int]:
+    """(reason, device_id, detail, item count) of a message's dead letter for one reason."""
     count = sum(r.count for r in rejections)
     if len(rejections) == 1:
         only = rejections[0]
-        return only.device_id or source, only.detail, (reason, count)
+        return reason, only.device_id or source, only.detail, count
     shown = rejections[:DETAIL_DEVICES]
     detail = "; ".join(
         r.detail if r.device_id and r.device_id in r.detail else f"{r.device_id}: {r.detail}" for r in shown
@@ -132,7 +132,7 @@ def _dead_letter_row(
     rest = count - sum(r.count for r in shown)
     if rest:
         detail += f" (+{rest} more)"
-    return source, detail, (reason, count)
+    return reason, source, detail, count
 
 
 def _dumps(obj: object) -> str:
@@ -312,14 +312,14 @@ class BatchWriter:
             by_reason.setdefault(rej.reason, []).append(rej)
         rows = [_dead_letter_row(reason, rejections, source) for reason, rejections in by_reason.items()]
         payload = msg.payload[:PAYLOAD_CAP]
-        cost = len(payload) + sum(len(detail) + DEAD_LETTER_ROW_BYTES for _, detail, _ in rows)
+        cost = len(payload) + sum(len(detail) + DEAD_LETTER_ROW_BYTES for _, _, detail, _ in rows)
         if not self._afford(source, msg.received_at, cost, spent):
             result.unstored_dead_letters += 1
             if source:
                 counts[(source, day, OVER_BUDGET)] += 1
             return
         received_at, size = _utc(msg.received_at), len(msg.payload)
-        for i, (device_id, detail, (reason, count)) in enumerate(rows):
+        for i, (reason, device_id, detail, count) in enumerate(rows):
             dead.append(
                 (
                     received_at,
@@ -341,8 +341,8 @@ class BatchWriter:
         """Take ``cost`` bytes from the publisher's budget for this window, if it has them."""
         window = int(received_at // self.dead_letter_window_s)
         at, used = spent.get(source) or self._dead_letter_spent.get(source) or (window, 0)
-        if at != window:
-            at, used = window, 0
+        if at != window:  # a new window: a fresh budget
+            used = 0
         if used + cost > self.dead_letter_budget:
             return False
         spent[source] = (window, used + cost)
