@@ -45,6 +45,15 @@ def single(i: int) -> bytes:
     return hostile_payload(f"h-{i}", first=(FLOOD + 1 + i) * STRANGERS)
 
 
+def valid_upload(msg_id: str) -> bytes:
+    """A valid buffered upload of about the same size (700 samples x 3 metrics): the yardstick."""
+    now = int(time.time() * 1000)
+    samples = [
+        {"ts": now - 60_000 * i, "metrics": {"heart_rate": 70, "spo2": 97, "steps": i}} for i in range(700)
+    ]
+    return orjson.dumps({"msg_id": msg_id, "samples": samples})
+
+
 def good_payload(msg_id: str) -> bytes:
     return orjson.dumps({"msg_id": msg_id, "ts": int(time.time() * 1000), "metrics": {"heart_rate": 70}})
 
@@ -153,10 +162,12 @@ HUB_TOPIC = "eldercare/v1/hubs/hub-bad/telemetry"
 GOOD_TOPIC = "eldercare/v1/devices/w-good/telemetry"
 
 
-def good_message_delay(committer: CommitterOnPipes, before: list[bytes], tag: str) -> float:
-    """Seconds from sending a valid message (right after ``before``) to its acknowledgement."""
+def good_message_delay(
+    committer: CommitterOnPipes, before: list[bytes], tag: str, topic: str = HUB_TOPIC
+) -> float:
+    """Seconds from sending a valid message (right after ``before`` on ``topic``) to its ack."""
     for payload in before:
-        committer.send(HUB_TOPIC, payload)
+        committer.send(topic, payload)
     sent = time.perf_counter()
     mid = committer.send(GOOD_TOPIC, good_payload(f"good-{tag}"))
     return committer.wait_acked(mid, 300) - sent
@@ -165,6 +176,10 @@ def good_message_delay(committer: CommitterOnPipes, before: list[bytes], tag: st
 def test_a_hub_naming_4000_strangers_costs_others_milliseconds(committer, registered) -> None:
     baseline = min(good_message_delay(committer, [], f"base-{i}") for i in range(5))
     one = min(good_message_delay(committer, [single(i)], f"one-{i}") for i in range(SINGLES))
+    upload = min(
+        good_message_delay(committer, [valid_upload(f"up-{i}")], f"up-{i}", GOOD_TOPIC)
+        for i in range(SINGLES)
+    )
     flood = good_message_delay(
         committer, [hostile_payload(f"h-f{i}", first=(i + 1) * STRANGERS) for i in range(FLOOD)], "flood"
     )
@@ -173,6 +188,7 @@ def test_a_hub_naming_4000_strangers_costs_others_milliseconds(committer, regist
         "committer",
         baseline_ms=round(baseline * 1000, 1),
         after_one_ms=round(one * 1000, 1),
+        after_valid_upload_ms=round(upload * 1000, 1),
         after_flood_ms=round(flood * 1000, 1),
         **volume,
     )
@@ -195,11 +211,14 @@ def test_a_flood_of_hostile_hub_messages_delays_a_device_by_milliseconds_end_to_
     hub = Device(account.username, account.password, ingest.broker.host, ingest.broker.port).connect()
     ingest.opened.append(hub)
     ingest.wait_until_subscribed(worker, dev)
-    topic = f"eldercare/v1/hubs/{hub_id}/telemetry"
+    hub_topic = f"eldercare/v1/hubs/{hub_id}/telemetry"
 
-    def delay_behind(payloads: list[bytes], tag: str) -> float:
+    def delay_behind(payloads: list[bytes], tag: str, from_hub: bool = True) -> float:
         for payload in payloads:
-            hub.client.publish(topic, payload, qos=1)
+            if from_hub:
+                hub.client.publish(hub_topic, payload, qos=1)
+            else:
+                dev.publish("telemetry", payload)
         sent = time.perf_counter()
         dev.publish("telemetry", good_payload(tag)).wait_for_publish(5)
         wait_for(
@@ -211,6 +230,9 @@ def test_a_flood_of_hostile_hub_messages_delays_a_device_by_milliseconds_end_to_
 
     baseline = min(delay_behind([], f"base-{i}") for i in range(5))
     one = min(delay_behind([single(i)], f"after-one-{i}") for i in range(SINGLES))
+    upload = min(
+        delay_behind([valid_upload(f"up-{i}")], f"after-up-{i}", from_hub=False) for i in range(SINGLES)
+    )
     flood = delay_behind(
         [hostile_payload(f"h-f{i}", first=(i + 1) * STRANGERS) for i in range(FLOOD)], "after-flood"
     )
@@ -224,6 +246,7 @@ def test_a_flood_of_hostile_hub_messages_delays_a_device_by_milliseconds_end_to_
         "end to end",
         baseline_ms=round(baseline * 1000, 1),
         after_one_ms=round(one * 1000, 1),
+        after_valid_upload_ms=round(upload * 1000, 1),
         after_flood_ms=round(flood * 1000, 1),
         **volume,
     )
