@@ -90,8 +90,10 @@ class BenchOptions:
     variants: tuple[str, ...] = VARIANTS
     #: Ingest worker processes (two share the load on a shared subscription).
     workers: int = 1
-    #: MQTT protocol of the worker and of the bare subscriber (publishers always use 3.1.1).
+    #: MQTT protocol of the worker and of the bare subscriber.
     protocol: Protocol = "5"
+    #: MQTT protocol of the publishers (5: 0x10 answers are sent again, as devices must).
+    publisher_protocol: Protocol = "3.1.1"
     #: Paced steps, messages/s: 3-metric telemetry, and hub messages (each with
     #: ``samples_per_message`` samples of 3 metrics).
     rates: tuple[float, ...] = (4_000, 6_000, 8_000, 10_000, 12_000, 14_000, 16_000, 20_000)
@@ -466,7 +468,8 @@ class BareSubscribers:
 
     def __init__(self, url: str, protocol: Protocol, n: int, group: str = "bench-bare") -> None:
         self.url, self.protocol, self.n = url, protocol, n
-        self.topic = f"$share/{group}/{TOPIC_FILTER}" if group else TOPIC_FILTER
+        # One subscriber: a plain subscription, as the shipped worker; several: a shared group.
+        self.topic = f"$share/{group}/{TOPIC_FILTER}" if group and n > 1 else TOPIC_FILTER
         self.client_ids = [f"eldercare-bench-bare-{i}" for i in range(n)]
         self._ctx = mp.get_context("spawn")
         self._procs: list[Any] = []
@@ -660,6 +663,9 @@ class Workers:
             ELDERCARE_MQTT_URL=self.mqtt_url,
             ELDERCARE_MQTT_PROTOCOL=self.options.protocol,
             ELDERCARE_MQTT_CLIENT_ID=self.client_ids[i],
+            # One worker: the shipped set-up (plain subscription, lease). Several: a shared
+            # group, to measure the load split (not restart-safe on Mosquitto 2.0).
+            ELDERCARE_MQTT_SHARED_GROUP="" if len(self.client_ids) == 1 else "bench",
             ELDERCARE_METRICS_PORT=str(self.ports[i]),
             ELDERCARE_LOG_FORMAT="json",
             ELDERCARE_LOG_LEVEL="INFO",
@@ -906,7 +912,13 @@ class VariantRun:
     def plan(self, rate: float | None, tag: str, **kw: Any) -> PublishPlan:
         procs = self.o.publishers or (2 if rate is None else max(1, math.ceil(rate / PUBLISHER_PROCESS_RATE)))
         return PublishPlan(
-            mqtt_url=self.broker.publisher_url, fleet=self.fleet, rate=rate, processes=procs, tag=tag, **kw
+            mqtt_url=self.broker.publisher_url,
+            fleet=self.fleet,
+            rate=rate,
+            processes=procs,
+            tag=tag,
+            protocol=self.o.publisher_protocol,
+            **kw,
         )
 
     def say(self, text: str) -> None:
@@ -1655,6 +1667,12 @@ def parse_args(argv: Sequence[str]) -> BenchOptions:
     p.add_argument("--variant", choices=[*VARIANTS, "both"], default="both")
     p.add_argument("--workers", type=int, default=d.workers)
     p.add_argument("--protocol", choices=["5", "3.1.1"], default=d.protocol)
+    p.add_argument(
+        "--publisher-protocol",
+        choices=["5", "3.1.1"],
+        default=d.publisher_protocol,
+        help="MQTT protocol of the publishers (5: a 0x10 PUBACK is sent again, as devices must)",
+    )
     p.add_argument("--rates", type=_floats, help="telemetry steps, msg/s, e.g. 4000,8000,12000")
     p.add_argument("--hub-rates", type=_floats, help="hub steps, msg/s, e.g. 50,100,200")
     p.add_argument("--step-seconds", type=float, help=f"seconds per step (default {d.step_s:g})")
@@ -1690,6 +1708,7 @@ def parse_args(argv: Sequence[str]) -> BenchOptions:
         "variants": VARIANTS if a.variant == "both" else (a.variant,),
         "workers": a.workers,
         "protocol": a.protocol,
+        "publisher_protocol": a.publisher_protocol,
         "bare": not a.no_bare,
         "stop_at_failure": not a.keep_going,
         "admin_url": a.admin_url,

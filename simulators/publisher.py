@@ -2,8 +2,13 @@
 
 Used by ``eldercare bench ingest`` (load at a fixed total rate) and by ``eldercare demo``
 (a small fleet publishing until stopped). Each publisher process has its own paho-mqtt 2
-client (MQTT 3.1.1, the cheaper protocol for a publisher), QoS 1, and owns a slice of the
-fleet, so a ``msg_id`` (``<tag>-<sequence>``) is unique per device within a run tag.
+client (MQTT 3.1.1 by default, the cheaper protocol for a publisher; MQTT 5 with
+``PublishPlan.protocol``), QoS 1, and owns a slice of the fleet, so a ``msg_id``
+(``<tag>-<sequence>``) is unique per device within a run tag.
+
+On MQTT 5 a publisher does what device-mqtt.md asks of a device: a PUBACK with reason 0x10
+(No matching subscribers) means "not taken", so the message is sent again (same ``msg_id``)
+until the broker takes it; ``ProcessReport.not_taken`` counts those answers.
 
 Pacing is a token bucket holding at most a few milliseconds of tokens: messages go out
 evenly, never in bursts, and a process that cannot keep up loses tokens instead of catching
@@ -37,6 +42,7 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
 from eldercare.gateway.settings import MqttTarget
+from eldercare.simulators.device_link import NO_MATCHING_SUBSCRIBERS
 
 Variant = Literal["telemetry", "hub"]
 METRICS_PER_SAMPLE = 3  # heart_rate, spo2, steps
@@ -108,6 +114,8 @@ class PublishPlan:
     #: hub) then connects as itself, as the project's ACL requires (``client_id = username =
     #: id``). For small fleets (the demo); without them every process uses ``mqtt_url``.
     device_urls: tuple[tuple[str, str], ...] = ()
+    #: "3.1.1" or "5" (reason codes: 0x10 answers are sent again).
+    protocol: str = "3.1.1"
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,8 @@ class ProcessReport:
     #: Messages published in each whole second since the common start.
     per_second: tuple[int, ...]
     error: str | None = None
+    #: MQTT 5: PUBACKs with reason 0x10 (each message sent again until taken).
+    not_taken: int = 0
 
     @property
     def achieved_rate(self) -> float:
@@ -151,6 +161,11 @@ class PublishReport:
     def acked(self) -> int:
         """Messages the broker acknowledged (PUBACK): it holds them."""
         return sum(p.acked for p in self.processes)
+
+    @property
+    def not_taken(self) -> int:
+        """MQTT 5: 0x10 answers (No matching subscribers), each message sent again."""
+        return sum(p.not_taken for p in self.processes)
 
     @property
     def first_publish(self) -> float:
@@ -461,13 +476,14 @@ class _Payloads:
         )
 
 
-def _connect(url: str, client_id: str) -> mqtt.Client:
+def _connect(url: str, client_id: str, protocol: str = "3.1.1") -> mqtt.Client:
     target = MqttTarget(url)
+    v5 = protocol == "5"
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
-        protocol=mqtt.MQTTv311,
-        clean_session=True,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else True,
     )
     if target.username:
         client.username_pw_set(target.username, target.password)
@@ -508,18 +524,24 @@ def _process_main(
             urls = dict(plan.device_urls)
             # One connection per device of this process's slice, as that device.
             for device_id in payloads.ids:
-                clients.append(_connect(urls[device_id], device_id))
+                clients.append(_connect(urls[device_id], device_id, plan.protocol))
         else:
-            clients.append(_connect(plan.mqtt_url, f"eldercare-pub-{plan.tag}-{index}-{os.getpid()}"))
+            client_id = f"eldercare-pub-{plan.tag}-{index}-{os.getpid()}"
+            clients.append(_connect(plan.mqtt_url, client_id, plan.protocol))
     except Exception as exc:
         for c in clients:
             c.disconnect()
         results.put(replace(empty, error=f"connect failed: {type(exc).__name__}: {exc}"))
         return
     acked = 0
+    # MQTT 5: what each client has in flight (packet id -> topic, payload), to send again
+    # what the broker answers 0x10. 3.1.1 has no reason codes: nothing to keep.
+    resend = _Resend(clients) if plan.protocol == "5" else None
 
     def on_publish(client, userdata, mid, reason_code, properties) -> None:
         nonlocal acked
+        if resend is not None and not resend.answered(client, mid, reason_code.value):
+            return
         acked += 1
 
     for client in clients:
@@ -533,11 +555,13 @@ def _process_main(
     try:
         if payloads and not stop.is_set() and count != 0:
             published, per_second, first, last = _pace(
-                clients, payloads, rate, count, plan, start_at.value, counts, index, stop
+                clients, payloads, rate, count, plan, start_at.value, counts, index, stop, resend
             )
         # Wait for the broker's PUBACKs: only then does it hold every message.
         deadline = time.monotonic() + plan.ack_timeout_s
         while acked < published and time.monotonic() < deadline and error is None:
+            if resend is not None:
+                resend.send_due()
             for client in clients:
                 if client.loop(timeout=0.05 / len(clients)) != mqtt.MQTT_ERR_SUCCESS:
                     error = "connection lost while waiting for PUBACKs"
@@ -554,7 +578,36 @@ def _process_main(
                 client.loop(timeout=0.05)
             except Exception:
                 pass
-    results.put(ProcessReport(index, rate, published, acked, first, last, tuple(per_second), error))
+    not_taken = resend.not_taken if resend is not None else 0
+    report = ProcessReport(index, rate, published, acked, first, last, tuple(per_second), error, not_taken)
+    results.put(report)
+
+
+class _Resend:
+    """MQTT 5 publishers: keeps what is in flight, sends again what was answered 0x10."""
+
+    def __init__(self, clients: list[mqtt.Client]) -> None:
+        self.in_flight: dict[tuple[int, int], tuple[mqtt.Client, str, bytes]] = {}
+        self.again: list[tuple[mqtt.Client, str, bytes]] = []
+        self.not_taken = 0
+
+    def sent(self, client: mqtt.Client, info: mqtt.MQTTMessageInfo, topic: str, payload: bytes) -> None:
+        self.in_flight[(id(client), info.mid)] = (client, topic, payload)
+
+    def answered(self, client: mqtt.Client, mid: int, reason: int) -> bool:
+        """Settle one PUBACK; True if the broker took the message."""
+        message = self.in_flight.pop((id(client), mid), None)
+        if reason == NO_MATCHING_SUBSCRIBERS and message is not None:
+            self.not_taken += 1
+            self.again.append(message)
+            return False
+        return True
+
+    def send_due(self) -> None:
+        """Send again what was not taken (paho's thread is ours: called from the pacing loop)."""
+        again, self.again = self.again, []
+        for client, topic, payload in again:
+            self.sent(client, client.publish(topic, payload, 1), topic, payload)
 
 
 def _share(total: int, index: int, processes: int) -> int:
@@ -571,6 +624,7 @@ def _pace(
     counts: Any,
     index: int,
     stop: Any,
+    resend: _Resend | None = None,
 ) -> tuple[int, list[int], float, float]:
     """Publish paced by a token bucket until count, duration or stop; returns what it did."""
     perf0 = time.perf_counter() + (start_at - time.time())
@@ -611,6 +665,10 @@ def _pace(
             info = (single or pubs[slot])(topic, payload, qos)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 raise ConnectionError(f"publish failed: {mqtt.error_string(info.rc)}")
+            if resend is not None:
+                resend.sent(clients[0 if single else slot], info, topic, payload)
+        if resend is not None and resend.again:
+            resend.send_due()
         if not published:
             first = now_ns / 1e9
         last = now_ns / 1e9

@@ -13,7 +13,7 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
 from eldercare.gateway.broker import Broker, MqttAccount
-from eldercare.simulators.publisher import Fleet, PublishPlan, publish, register_fleet
+from eldercare.simulators.publisher import Fleet, PublishPlan, publish, register_fleet, start_publishers
 from tests.waiting import wait_for
 
 
@@ -128,3 +128,22 @@ def test_register_fleet_registers_hubs_subdevices_and_elders_once(db_url: str) -
         attached = conn.execute("SELECT hub_id FROM devices WHERE device_id = %s", (sub_id,)).fetchone()
     assert rows == [("hub", 3, 0, 0), ("wristband", 12, 12, 12)]
     assert attached == (fleet.publisher_ids()[2],)
+
+
+def test_mqtt5_publishers_send_again_what_nobody_took(
+    project_mosquitto: Broker, mqtt_device: Callable[..., MqttAccount], new_id: Callable[[str], str]
+) -> None:
+    """0x10 (No matching subscribers) is "not taken": sent again until a subscriber takes it."""
+    fleet = Fleet(variant="telemetry", size=1, prefix=new_id("p"))
+    [device_id] = fleet.publisher_ids()
+    account = mqtt_device(device_id)
+    n = 300
+    plan = PublishPlan(account.url, fleet, rate=300, count=n, tag="v5", protocol="5")
+    with start_publishers(plan) as run:
+        time.sleep(0.4)  # about a third goes out before anybody subscribes
+        with subscribed(project_mosquitto, fleet.topic(device_id)) as received:
+            report = run.wait(30)
+            wait_for(lambda: len({orjson.loads(p)["msg_id"] for _, _, p in received}) >= n, 10, "all")
+    assert report.errors == []
+    assert report.published == report.acked == n  # acked = taken: after every 0x10, a success
+    assert report.not_taken > 0
