@@ -31,6 +31,7 @@ from eldercare.gateway.services import database_url
 from eldercare.gateway.store.maintenance import create_partitions, refresh_rollups
 from eldercare.gateway.store.migrate import migrate
 from eldercare.gateway.store.series import bucketed_series
+from eldercare.gateway.store.timescale import refresh_aggregates
 
 METRIC = "heart_rate"
 #: (label, range, bucket width) of the chart queries timed.
@@ -39,6 +40,10 @@ CHARTS = (
     ("7 d at 1 h", timedelta(days=7), timedelta(hours=1)),
     ("90 d at 1 d", timedelta(days=90), timedelta(days=1)),
 )
+_PARTS = {
+    "plain": "SELECT count(*) FROM pg_inherits WHERE inhparent = 'observations'::regclass",
+    "timescale": "SELECT count(*) FROM timescaledb_information.chunks WHERE hypertable_name = 'observations'",
+}
 _MARK_TABLES = ("rollup_dirty", "rollup_pending", "rollup_dirty_hours", "rollup_pending_hours")
 
 
@@ -57,11 +62,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="keep the database (or reuse DB, already loaded)",
     )
+    parser.add_argument("--flavour", choices=("plain", "timescale"), default="plain")
     args = parser.parse_args(argv)
-    run(args.admin_url, args.elders, args.days, args.runs, args.keep)
+    run(args.admin_url, args.elders, args.days, args.runs, args.keep, args.flavour)
 
 
-def run(admin_url: str, elders: int, days: int, runs: int, keep: str | None) -> None:
+def run(admin_url: str, elders: int, days: int, runs: int, keep: str | None, flavour: str = "plain") -> None:
     """Load (unless reusing ``keep``), time, report; drop the database unless kept."""
     name = keep or f"eldercare_bench_series_{secrets.token_hex(4)}"
     url = database_url(admin_url, name)
@@ -70,56 +76,79 @@ def run(admin_url: str, elders: int, days: int, runs: int, keep: str | None) -> 
         if not keep:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            migrate(url, flavour="plain")
-            took = _timed(lambda: _load(url, now, elders, days))
+        migrate(url, flavour=flavour)  # a kept database: brought up to date
+        if not keep:
+            took = _timed(lambda: _load(url, now, elders, days, flavour))
             print(f"loaded {elders * days * 1440:,} readings in {took:.0f} s")
         with psycopg.connect(url, autocommit=True) as conn:
-            total, parts, size, jit, n_elders = _one_row(
+            flavour = _one_row(conn, "SELECT value FROM store_info WHERE key = 'flavour'")[0]
+            total, size, jit, n_elders = _one_row(
                 conn,
                 "SELECT (SELECT count(*) FROM observations),"
-                " (SELECT count(*) FROM pg_inherits WHERE inhparent = 'observations'::regclass),"
                 " pg_size_pretty(pg_database_size(current_database())), current_setting('jit'),"
                 " (SELECT count(DISTINCT elder_id) FROM observations_1d)",
             )
-            print(f"database {name}: {total:,} readings, {parts} partitions, {size}, jit={jit}")
-            _live(conn, now, n_elders)
+            parts = _one_row(conn, _PARTS[flavour])[0]
+            print(f"database {name} ({flavour}): {total:,} readings, {parts} partitions, {size}, jit={jit}")
+            _live(conn, now, n_elders, flavour)
             rng = random.Random(1)
+            elders_asked = [f"e{rng.randrange(n_elders):05d}" for _ in range(runs)]
             for label, span, width in CHARTS:
-                times = []
-                for _ in range(runs):
-                    elder = f"e{rng.randrange(n_elders):05d}"
-                    t0 = time.perf_counter()
-                    series = bucketed_series(
-                        conn, elder, METRIC, now - span, now + timedelta(minutes=1), width
-                    )
-                    times.append((time.perf_counter() - t0) * 1000)
-                    assert series, (elder, label)
-                times.sort()
-                print(
-                    f"chart {label:14} median {statistics.median(times):7.1f} ms"
-                    f"  p95 {times[int(0.95 * (len(times) - 1))]:7.1f} ms  ({len(series)} buckets)"
-                )
-            refresh_rollups(conn)  # the live readings: a clean start for the timed refresh
-            late = _buffered_upload(conn, now, elder=f"e{n_elders - 1:05d}")
-            took = _timed(lambda: refresh_rollups(conn))
-            print(f"refresh after a buffered upload of {late:,} readings (3-20 days old): {took:.2f} s")
+                _chart(conn, label, elders_asked, now - span, now + timedelta(minutes=1), width)
+            _refresh(conn, flavour)  # the live readings: a clean start for the timed refresh
+            late_elder = f"e{n_elders - 1:05d}"
+            late = _buffered_upload(conn, now, late_elder, flavour)
+            print(
+                f"buffered upload of {late:,} readings (3-20 days old) for {late_elder}; before the refresh:"
+            )
+            for label, span, width in CHARTS:
+                _chart(conn, label, [late_elder] * runs, now - span, now + timedelta(minutes=1), width)
+            took = _timed(lambda: _refresh(conn, flavour, now - timedelta(days=21), now))
+            print(f"refresh after the buffered upload: {took:.2f} s")
     finally:
         if keep is None:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def _load(url: str, now: datetime, elders: int, days: int) -> None:
+def _chart(
+    conn: psycopg.Connection, label: str, elders: list[str], start: datetime, end: datetime, width: timedelta
+) -> None:
+    times = []
+    for elder in elders:
+        t0 = time.perf_counter()
+        series = bucketed_series(conn, elder, METRIC, start, end, width)
+        times.append((time.perf_counter() - t0) * 1000)
+        assert series, (elder, label)
+    times.sort()
+    print(
+        f"chart {label:14} median {statistics.median(times):7.1f} ms"
+        f"  p95 {times[int(0.95 * (len(times) - 1))]:7.1f} ms  ({len(series)} buckets)"
+    )
+
+
+def _refresh(
+    conn: psycopg.Connection, flavour: str, start: datetime | None = None, end: datetime | None = None
+) -> None:
+    if flavour == "plain":
+        refresh_rollups(conn)
+    else:
+        refresh_aggregates(conn, start, end)
+
+
+def _load(url: str, now: datetime, elders: int, days: int, flavour: str) -> None:
     start = now - timedelta(days=days)
     with psycopg.connect(url, autocommit=True) as conn:
-        create_partitions(conn, now, buffer_horizon_days=days + 7)
+        if flavour == "plain":
+            create_partitions(conn, now, buffer_horizon_days=days + 7)
         indexes = conn.execute(
             "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'observations'"
         ).fetchall()
         for index, _ in indexes:
             conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(index)))
-        # Triggers (if any) would see the whole load at once: the rollups are filled below.
-        conn.execute("ALTER TABLE observations DISABLE TRIGGER USER")
+        if flavour == "plain":
+            # The trigger would see the whole load at once: the rollups are filled below.
+            conn.execute("ALTER TABLE observations DISABLE TRIGGER USER")
         conn.execute("SET max_parallel_workers_per_gather = 2")
         conn.execute(
             "INSERT INTO observations (time, device_id, elder_id, metric, value)"
@@ -130,9 +159,15 @@ def _load(url: str, now: datetime, elders: int, days: int) -> None:
             " generate_series(%(start)s::timestamptz, %(end)s::timestamptz, '1 minute') AS t",
             {"metric": METRIC, "elders": elders, "start": start, "end": now - timedelta(minutes=1)},
         )
-        conn.execute("ALTER TABLE observations ENABLE TRIGGER USER")
         for _, definition in indexes:
-            conn.execute(definition)
+            # pg_indexes shows a partitioned table's index as "ON ONLY", which would build none
+            # of the partitions' indexes.
+            conn.execute(definition.replace(" ON ONLY ", " ON "))
+        if flavour == "timescale":
+            refresh_aggregates(conn)
+            conn.execute("VACUUM ANALYZE")
+            return
+        conn.execute("ALTER TABLE observations ENABLE TRIGGER USER")
         for rollup, source, width in (
             ("observations_1m", "observations", "1 minute"),
             ("observations_1h", "observations_1m", "1 hour"),
@@ -159,23 +194,24 @@ def _load(url: str, now: datetime, elders: int, days: int) -> None:
         conn.execute("VACUUM ANALYZE")
 
 
-def _write(conn: psycopg.Connection, rows: list[tuple[datetime, str, str, float]]) -> None:
-    """Store readings as the ingest writer does: COPY, then mark the UTC days touched."""
+def _write(conn: psycopg.Connection, rows: list[tuple[datetime, str, str, float]], flavour: str) -> None:
+    """Store readings as the ingest writer does: COPY, then (plain) mark the UTC days touched."""
     with conn.transaction(), conn.cursor() as cur:
         with cur.copy("COPY observations (time, device_id, elder_id, metric, value) FROM STDIN") as cp:
             for t, elder, metric, value in rows:
                 cp.write_row((t, f"w-{elder[1:]}", elder, metric, value))
-        cur.execute(
-            "INSERT INTO rollup_dirty (day) SELECT unnest(%s::date[]) ON CONFLICT DO NOTHING",
-            (sorted({r[0].date() for r in rows}),),
-        )
+        if flavour == "plain":
+            cur.execute(
+                "INSERT INTO rollup_dirty (day) SELECT unnest(%s::date[]) ON CONFLICT DO NOTHING",
+                (sorted({r[0].date() for r in rows}),),
+            )
 
 
-def _live(conn: psycopg.Connection, now: datetime, elders: int) -> None:
-    _write(conn, [(now, f"e{i:05d}", METRIC, 70.0) for i in range(elders)])
+def _live(conn: psycopg.Connection, now: datetime, elders: int, flavour: str) -> None:
+    _write(conn, [(now, f"e{i:05d}", METRIC, 70.0) for i in range(elders)], flavour)
 
 
-def _buffered_upload(conn: psycopg.Connection, now: datetime, elder: str) -> int:
+def _buffered_upload(conn: psycopg.Connection, now: datetime, elder: str, flavour: str) -> int:
     start, end = now - timedelta(days=20), now - timedelta(days=3)
     rows = []
     t = start + timedelta(seconds=20)
@@ -183,7 +219,7 @@ def _buffered_upload(conn: psycopg.Connection, now: datetime, elder: str) -> int
         rows.append((t, elder, METRIC, 72.0))
         t += timedelta(seconds=20)
     for i in range(0, len(rows), 700):  # 700 samples per upload message
-        _write(conn, rows[i : i + 700])
+        _write(conn, rows[i : i + 700], flavour)
     return len(rows)
 
 
