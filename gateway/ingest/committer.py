@@ -276,7 +276,11 @@ def committer_main(
     """Entry point of the committer process (spawned by the receiver)."""
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with the receiver, no orphan
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the receiver's to handle
+    # Ctrl-C and SIGTERM (systemd, docker and a terminal signal the whole process group) are
+    # the receiver's to handle: it stops taking messages and sends DRAIN, and this process
+    # commits what it holds before it exits. If the receiver dies, PDEATHSIG ends us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from eldercare.gateway.logs import configure_logging
 
     settings = Settings(**settings_values)
