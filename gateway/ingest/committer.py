@@ -212,8 +212,10 @@ class Committer:
                 failures += 1
                 if not isinstance(exc, psycopg.OperationalError | PoolTimeout):
                     log.exception("batch failed unexpectedly, retrying")
-                log.warning(
-                    "batch not committed, retrying",
+                # One warning per outage, not one per retry; the recovery says how long it took.
+                log.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "batch not committed, retrying until the database answers",
                     extra={
                         "error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
                         "messages": len(batch),
@@ -225,6 +227,8 @@ class Committer:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
         committed = self.clock()
+        if failures:
+            log.info("batch committed again", extra={"failed_attempts": failures, "messages": len(batch)})
         lags = []
         # Every LAG_SAMPLE-th message, live data only (buffered uploads would swamp it).
         for item in batch[:: LAG_SAMPLE if len(batch) > LAG_SAMPLE else 1]:

@@ -235,6 +235,8 @@ def test_database_outage_longer_than_the_keepalive_keeps_the_broker_connection(
         log = full_log(worker)
         assert "lost the broker connection" not in log, log[-3000:]
         assert connects(worker) == 1
+        assert log.count('"batch not committed') == 1  # one line per outage, not per retry
+        assert '"batch committed again"' in log
         assert worker.stop() == 0
     finally:
         gate.stop()
