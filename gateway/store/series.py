@@ -22,7 +22,7 @@ a refresh, late data included.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -82,23 +82,28 @@ def bucket_floor(t: datetime, width: timedelta) -> datetime:
 
 
 def plan_pieces(
-    start: datetime, end: datetime, width: timedelta, stale: Iterable[Span] = ()
+    start: datetime,
+    end: datetime,
+    width: timedelta,
+    stale: Iterable[Span] = (),
+    stale_in: Mapping[str, Iterable[Span]] | None = None,
 ) -> dict[str, list[Span]]:
     """Which relation answers which part of ``[start, end)``: {relation: spans, oldest first}.
 
     A rollup of width ``w`` (dividing ``width``) answers the whole ``w`` buckets inside the range
-    that overlap no ``stale`` span (hour-aligned spans whose rollups are out of date); what is
-    left goes to the next narrower rollup, and in the end to raw rows (``RAW``). Relations
-    without a span are absent.
+    that overlap no span where it may be out of date (``stale``: every rollup; ``stale_in``:
+    that rollup only); what is left goes to the next narrower rollup, and in the end to raw rows
+    (``RAW``). Relations without a span are absent.
     """
-    stale_spans = _merged(stale)
+    stale = list(stale)
     todo = [(start, end)] if start < end else []
     out: dict[str, list[Span]] = {}
     for w, relation in ROLLUPS:
         if width % w:
             continue
         # A stale span spoils every w bucket it touches.
-        spoiled = _merged((bucket_floor(lo, w), _ceil(hi, w)) for lo, hi in stale_spans)
+        mine = [*stale, *(stale_in or {}).get(relation, ())]
+        spoiled = _merged((bucket_floor(lo, w), _ceil(hi, w)) for lo, hi in mine)
         left: list[Span] = []
         for lo, hi in todo:
             a0, a1 = _ceil(lo, w), bucket_floor(hi, w)
@@ -134,7 +139,7 @@ def bucketed_series(
         flavour = _flavours[conn] = row[0]
     stale_sql, stale_params = stale_query(flavour, elder_id, metric, start, end)
     with _one_snapshot(conn):
-        stale = [(r[0], r[1]) for r in conn.execute(stale_sql, stale_params).fetchall()]
+        stale = conn.execute(stale_sql, stale_params).fetchall()
         query, params = series_query(elder_id, metric, start, end, width, stale)
         return [_bucket(r) for r in conn.execute(query, params).fetchall()]
 
@@ -164,7 +169,7 @@ async def abucketed_series(
         if idle:
             await conn.execute(_SNAPSHOT)
         cur = await conn.execute(stale_sql, stale_params)
-        stale = [(r[0], r[1]) for r in await cur.fetchall()]
+        stale = await cur.fetchall()
         query, params = series_query(elder_id, metric, start, end, width, stale)
         cur = await conn.execute(query, params)
         return [_bucket(r) for r in await cur.fetchall()]
@@ -173,7 +178,10 @@ async def abucketed_series(
 def stale_query(
     flavour: str, elder_id: str, metric: str, start: datetime, end: datetime
 ) -> tuple[sql.SQL | sql.Composed, dict[str, Any]]:
-    """The SQL and parameters that list the stale spans (lo, hi) touching ``[start, end)``."""
+    """The SQL and parameters that list the stale spans touching ``[start, end)``.
+
+    Rows: (rollup or NULL for every rollup, lo, hi).
+    """
     params: dict[str, Any] = {
         "elder": elder_id,
         "metric": metric,
@@ -186,7 +194,7 @@ def stale_query(
             " AND hour >= %(lo)s AND hour < %(hi)s"
             for table in ("rollup_dirty_hours", "rollup_pending_hours")
         )
-        return sql.SQL(f"SELECT hour, hour + interval '1 hour' FROM ({marks}) m ORDER BY 1"), params
+        return sql.SQL(f"SELECT NULL, hour, hour + interval '1 hour' FROM ({marks}) m ORDER BY 2"), params
     if flavour == "timescale":
         return STALE_SPANS, params
     raise ValueError(f"unknown store flavour {flavour!r}")
@@ -198,9 +206,11 @@ def series_query(
     start: datetime,
     end: datetime,
     bucket: BucketName | timedelta,
-    stale: Sequence[Span] = (),
+    stale: Sequence[tuple[str | None, datetime, datetime]] = (),
 ) -> tuple[sql.Composed, dict[str, Any]]:
     """The SQL and parameters of a series query over pieces planned by ``plan_pieces``.
+
+    ``stale``: rows of ``stale_query`` (rollup or None for all, lo, hi).
 
     Rows: (bucket start, min, max, sum, count), ordered by bucket start. Every time bound is a
     parameter of its own, so a custom plan prunes partitions on them.
@@ -213,7 +223,12 @@ def series_query(
         "origin": BUCKET_ORIGIN,
     }
     parts: list[sql.Composable] = []
-    for relation, spans in plan_pieces(start, end, width, stale).items():
+    everywhere = [(lo, hi) for rel, lo, hi in stale if rel is None]
+    stale_in: dict[str, list[Span]] = {}
+    for rel, lo, hi in stale:
+        if rel is not None:
+            stale_in.setdefault(rel, []).append((lo, hi))
+    for relation, spans in plan_pieces(start, end, width, everywhere, stale_in).items():
         column = "time" if relation == RAW else "bucket"
         ranges = []
         for lo, hi in spans:

@@ -28,34 +28,38 @@ AGGREGATES = ("observations_1m", "observations_1h", "observations_1d")
 #: pg_advisory_lock key held while refreshing by hand ("eldercag" in ASCII).
 REFRESH_LOCK_KEY = 0x656C_6465_7263_6167
 
-#: (lo, hi) spans where some aggregate of ``observations`` may be out of date, clipped to
-#: [%(lo)s, %(hi)s). Times in the catalog are TimescaleDB's internal microseconds since the Unix
-#: epoch, with sentinels far outside the timestamp range; the logged upper bound is inclusive.
-#: Clipping happens on those integers, so no sentinel is ever converted.
+#: (aggregate or NULL for all, lo, hi): spans where an aggregate of ``observations`` may be out
+#: of date, clipped to [%(lo)s, %(hi)s). Rows logged for the hypertable (not yet moved to each
+#: aggregate's log by a refresh) concern every aggregate. Times in the catalog are TimescaleDB's
+#: internal microseconds since the Unix epoch, with sentinels far outside the timestamp range;
+#: the logged upper bound is inclusive. Clipping happens on those integers, so no sentinel is
+#: ever converted.
 STALE_SPANS = sql.SQL(
     "WITH ht AS ("
     " SELECT h.id FROM _timescaledb_catalog.hypertable h"
     " WHERE h.schema_name = current_schema() AND h.table_name = 'observations'"
     "), caggs AS ("
-    " SELECT ca.mat_hypertable_id AS id FROM _timescaledb_catalog.continuous_agg ca"
+    " SELECT ca.mat_hypertable_id AS id, ca.user_view_name::text AS view"
+    " FROM _timescaledb_catalog.continuous_agg ca"
     " JOIN ht ON ca.raw_hypertable_id = ht.id"
     "), logged AS ("
-    " SELECT l.lowest_modified_value AS lo, l.greatest_modified_value AS last"
+    " SELECT NULL AS view, l.lowest_modified_value AS lo, l.greatest_modified_value AS last"
     " FROM _timescaledb_catalog.continuous_aggs_hypertable_invalidation_log l"
     " JOIN ht ON l.hypertable_id = ht.id"
     " UNION ALL"
-    " SELECT l.lowest_modified_value, l.greatest_modified_value"
+    " SELECT caggs.view, l.lowest_modified_value, l.greatest_modified_value"
     " FROM _timescaledb_catalog.continuous_aggs_materialization_invalidation_log l"
     " JOIN caggs ON l.materialization_id = caggs.id"
     " UNION ALL"
-    " SELECT _timescaledb_functions.cagg_watermark(caggs.id), 9223372036854775807 FROM caggs"
+    " SELECT caggs.view, _timescaledb_functions.cagg_watermark(caggs.id), 9223372036854775807"
+    " FROM caggs"
     "), asked AS ("
     " SELECT _timescaledb_functions.to_unix_microseconds(%(lo)s) AS lo,"
     " _timescaledb_functions.to_unix_microseconds(%(hi)s) AS hi"
     ")"
-    " SELECT _timescaledb_functions.to_timestamp(greatest(l.lo, a.lo)),"
+    " SELECT l.view, _timescaledb_functions.to_timestamp(greatest(l.lo, a.lo)),"
     " _timescaledb_functions.to_timestamp(least(l.last, a.hi - 1) + 1)"
-    " FROM logged l, asked a WHERE l.lo < a.hi AND l.last >= a.lo ORDER BY 1"
+    " FROM logged l, asked a WHERE l.lo < a.hi AND l.last >= a.lo ORDER BY 2"
 )
 
 

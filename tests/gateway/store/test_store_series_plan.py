@@ -77,3 +77,12 @@ def test_pieces_cover_the_range_exactly_once() -> None:
         spans = sorted(s for pieces in plan_pieces(start, end, width, stale).values() for s in pieces)
         assert spans[0][0] == start and spans[-1][1] == end
         assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+
+
+def test_a_span_stale_in_one_rollup_only_sends_its_buckets_to_the_next_narrower_one() -> None:
+    # The daily aggregate is behind on day 2; the hourly one is not.
+    stale_in = {"observations_1d": [(T0 + 2 * D + 5 * H, T0 + 2 * D + 6 * H)]}
+    assert plan_pieces(T0, T0 + 4 * D, D, stale_in=stale_in) == {
+        "observations_1d": [(T0, T0 + 2 * D), (T0 + 3 * D, T0 + 4 * D)],
+        "observations_1h": [(T0 + 2 * D, T0 + 3 * D)],
+    }
