@@ -33,6 +33,8 @@ Settings (environment variables, or a .env file in the working folder):
   ELDERCARE_METRICS_HOST        address /metrics listens on (default 127.0.0.1)
   ELDERCARE_LOG_LEVEL           DEBUG, INFO, WARNING, ERROR (default INFO)
   ELDERCARE_LOG_FORMAT          json (default) or console
+  ELDERCARE_DEAD_LETTER_BUDGET_KIB  dead-letter bytes a device may store per hour (default 256);
+                                beyond it rejections are only counted (dead_letter_budget)
   ELDERCARE_BUFFER_HORIZON_DAYS readings older than this are rejected too_old (default 30)
   ELDERCARE_STORE_FLAVOUR       auto (default: TimescaleDB when it can be created, else
                                 plain), plain or timescale; decided at the first migrate
@@ -86,6 +88,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
     buffer_horizon_days: int = Field(30, ge=1)
+    dead_letter_budget_kib: int = Field(256, ge=64)
     store_flavour: Literal["auto", "plain", "timescale"] = "auto"
     retention_observations_days: int = Field(730, ge=1)
     retention_dead_letters_days: int = Field(90, ge=1)

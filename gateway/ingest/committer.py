@@ -91,7 +91,11 @@ class Committer:
         self.clock = clock
         self.policy = Policy(catalog=load_catalog(), horizon_s=settings.buffer_horizon_days * 86_400.0)
         self.queue: queue.SimpleQueue[Received | None] = queue.SimpleQueue()
-        self.writer = BatchWriter(flavour or store_flavour(settings.database_url), rules or NoRules())
+        self.writer = BatchWriter(
+            flavour or store_flavour(settings.database_url),
+            rules or NoRules(),
+            dead_letter_budget=settings.dead_letter_budget_kib * 1024,
+        )
         self.feed = RegistryFeed(settings.database_url)
         # The writer's connections; the registry feed keeps its own (LISTEN needs one for good).
         self.pool = ConnectionPool(
@@ -267,6 +271,8 @@ class Committer:
                 "datapoints": t.readings,
                 "events": t.events,
                 "duplicates": t.duplicates,
+                "repeated_readings": t.repeated,
+                "dead_letters_over_budget": t.unstored_dead_letters,
                 "rejected": dict(t.rejected),
                 "clock_skew": t.skewed,
                 "pid": os.getpid(),

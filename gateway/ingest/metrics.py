@@ -12,6 +12,14 @@ DEAD_LETTERS = Counter(
     "eldercare_ingest_dead_letters", "Rejected items by reason (duplicates included)", ["reason"]
 )
 DUPLICATES = Counter("eldercare_ingest_duplicates", "Redelivered (device_id, msg_id) not stored again")
+REPEATED = Counter(
+    "eldercare_ingest_repeated_readings",
+    "Readings a message repeated (same device, metric and time): the first is kept",
+)
+UNSTORED_DEAD_LETTERS = Counter(
+    "eldercare_ingest_dead_letters_over_budget",
+    "Rejected messages not stored because their publisher's dead-letter budget was spent (counted)",
+)
 CLOCK_SKEW = Counter("eldercare_ingest_clock_skew", "Items whose device clock was ahead")
 ACKED = Counter("eldercare_ingest_messages_acked", "Messages acknowledged to the broker")
 BATCH_SIZE = Histogram(

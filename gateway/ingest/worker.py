@@ -390,6 +390,8 @@ class IngestSession:
         metrics.DATAPOINTS.inc(result.readings)
         metrics.EVENTS.inc(result.events)
         metrics.DUPLICATES.inc(result.duplicates)
+        metrics.REPEATED.inc(result.repeated)
+        metrics.UNSTORED_DEAD_LETTERS.inc(result.unstored_dead_letters)
         metrics.CLOCK_SKEW.inc(result.skewed)
         for reason, n in result.rejected.items():
             metrics.DEAD_LETTERS.labels(reason).inc(n)

@@ -29,6 +29,7 @@ SPEC_EVENTS = {
     "sos_pressed", "fall_detected", "fall_recovered", "bed_exit", "bed_return", "door_opened",
     "left_safe_zone", "returned_safe_zone", "smoke_detected", "gas_leak", "water_leak",
     "medication_taken", "medication_missed", "wearable_removed", "wearable_worn", "tamper",
+    "service_requested",
 }  # fmt: skip
 
 
