@@ -308,6 +308,25 @@ bench_app.registered_commands[-1].context_settings = {
 }
 
 
+@bench_app.command("memory")
+def bench_memory(
+    shape: Annotated[str, typer.Option(help="buffered (56 KB uploads), telemetry, or both")] = "both",
+    seconds: Annotated[float, typer.Option(help="seconds of flood per shape")] = 60.0,
+    queue_bytes: Annotated[
+        int | None, typer.Option(help="ELDERCARE_QUEUE_BYTES for the worker (default: the setting's)")
+    ] = None,
+    admin_url: Annotated[str | None, typer.Option(help="PostgreSQL URL allowed to CREATE DATABASE")] = None,
+) -> None:
+    """Peak memory of one ingest worker under a flood of large uploads or small telemetry."""
+    from eldercare.gateway.bench_memory import SHAPES, run_memory_bench
+
+    shapes = list(SHAPES) if shape == "both" else [shape]
+    if any(s not in SHAPES for s in shapes):
+        console.print(f"[red]error:[/] --shape: one of {', '.join(SHAPES)} or both")
+        raise typer.Exit(2)
+    run_memory_bench(shapes, seconds=seconds, queue_bytes=queue_bytes, admin_url=admin_url, console=out)
+
+
 @app.command(epilog=EPILOG)
 def demo(
     homes: Annotated[int, typer.Option(help="simulated homes (wristband, BP monitor, hub + bed sensor)")] = 3,

@@ -48,3 +48,22 @@ def test_quick_benchmark_stores_everything_once_and_reports_rates(tmp_path: Path
     assert variant["receipts_found"] == variant["receipts_expected"] > 0
     assert variant["observations_found"] == variant["observations_expected"] > 0
     assert variant["sustained_rate"] > 0 and variant["drain_ratio"] > 0
+
+
+def test_memory_benchmark_floods_a_worker_and_reports_its_peak(pg_admin_url: str) -> None:
+    done = subprocess.run(
+        [ELDERCARE, "bench", "memory", "--shape", "telemetry", "--seconds", "3", "--admin-url", pg_admin_url],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [line] = [x for x in done.stdout.splitlines() if x.strip().startswith("telemetry ")]
+
+    def figure(word: str) -> int:
+        return int(line.split(word)[1].split()[0].replace(",", ""))
+
+    published, stored = figure("published"), figure("stored")
+    assert published == stored > 0
+    assert "peak" in line and "committer" in line
