@@ -111,6 +111,7 @@ class RegistryFeed:
 
     def _run(self, first: psycopg.Connection) -> None:
         conn: psycopg.Connection | None = first
+        outage = False  # said once per outage, not once per attempt
         while not self._stop.is_set():
             try:
                 if conn is None:
@@ -120,6 +121,9 @@ class RegistryFeed:
                         self.current = registry
                         self._checked.clear()
                     self._changed()
+                    if outage:
+                        log.info("registry feed connected again; registry reloaded")
+                        outage = False
                 with conn:
                     while not self._stop.is_set():
                         changed = {n.payload for n in conn.notifies(timeout=0.5)}
@@ -128,10 +132,12 @@ class RegistryFeed:
             except psycopg.Error as exc:
                 if self._stop.is_set():
                     return
-                log.warning(
-                    "registry feed lost its connection, retrying",
-                    extra={"error": type(exc).__name__},
-                )
+                if not outage:
+                    log.warning(
+                        "registry feed lost its connection, retrying every second",
+                        extra={"error": type(exc).__name__},
+                    )
+                    outage = True
                 self._stop.wait(1.0)
             finally:
                 if conn is not None:
