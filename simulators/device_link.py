@@ -91,7 +91,7 @@ class DeviceLink:
             info = self.client.publish(topic, payload, qos=1, retain=retain)
             self._pending[info.mid] = (topic, payload)
 
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         self._answers.append((mid, reason_code.value))
 
     def pump(self) -> None:

@@ -255,7 +255,7 @@ class IngestSession:
         props.ReceiveMaximum = min(65_535, self.settings.queue_size)
         return props
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.error("broker refused the connection", extra={"reason": str(reason_code)})
             return
@@ -281,7 +281,7 @@ class IngestSession:
             client.subscribe([(t, 1) for t in subscriptions(self.settings)])
         self._connected.set()
 
-    def _on_connect_fail(self, client, userdata) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect_fail(self, client, userdata) -> None:
         if not self._broker_said:  # one line per outage, not one per attempt
             log.warning(
                 "waiting for the broker",
@@ -289,12 +289,12 @@ class IngestSession:
             )
             self._broker_said = True
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
         if not self._stopping.is_set():
             log.warning("lost the broker connection, reconnecting", extra={"reason": str(reason_code)})
 
-    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         if self._stopping.is_set():
             return  # not acked: the broker redelivers it to the next session
         self._last_message = time.monotonic()
@@ -516,7 +516,7 @@ def _send_keepalive(client: mqtt.Client) -> None:
     The PINGRESP is read once the wait is over.
     """
     try:
-        client._send_simple_command(mqtt.PINGREQ)  # type: ignore[attr-defined]
+        client._send_simple_command(mqtt.PINGREQ)
         client.loop_write()
     except (OSError, AttributeError):  # the connection is going anyway: paho reconnects
         pass

@@ -76,7 +76,9 @@ def run(admin_url: str, elders: int, days: int, runs: int, keep: str | None, fla
         if not keep:
             with psycopg.connect(admin_url, autocommit=True) as admin:
                 admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        migrate(url, flavour=flavour)  # a kept database: brought up to date
+        migrate(
+            url, flavour="timescale" if flavour == "timescale" else "plain"
+        )  # a kept one: brought up to date
         if not keep:
             took = _timed(lambda: _load(url, now, elders, days, flavour))
             print(f"loaded {elders * days * 1440:,} readings in {took:.0f} s")
