@@ -15,8 +15,9 @@ Plain PostgreSQL path:
 TimescaleDB path: policies do partitions, compression, retention and aggregates; this job only
 keeps the retention policies in line with the settings and resumes refresh policies that a
 crashed ``timescale.refresh_aggregates`` left paused.
-Both paths: ``message_receipts`` older than the buffer horizon + 1 day and ``dead_letters``
-older than their retention are deleted.
+Both paths: daily partitions of ``message_receipts`` are created ahead and dropped once past
+the buffer horizon + 1 day (see ``receipts``); ``dead_letters`` older than their retention
+are deleted.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 from psycopg import sql
 
+from eldercare.gateway.store import receipts
 from eldercare.gateway.store.migrate import store_flavour
 from eldercare.gateway.store.timescale import AGGREGATES, resume_refresh_policies
 
@@ -60,6 +62,7 @@ class MaintenanceReport:
     expired_rows_deleted: int = 0
     hours_refreshed: int = 0
     receipts_deleted: int = 0
+    receipt_partitions_dropped: list[str] = field(default_factory=list)
     dead_letters_deleted: int = 0
     retention_policies_set: list[str] = field(default_factory=list)
     refresh_policies_resumed: list[int] = field(default_factory=list)
@@ -110,6 +113,10 @@ def run_maintenance(
             conn, retention_days=retention_observations_days
         )
         report.refresh_policies_resumed = resume_refresh_policies(conn)
+    receipts.create_partitions(conn, now, buffer_horizon_days=buffer_horizon_days)
+    report.receipt_partitions_dropped = receipts.drop_expired(
+        conn, now, buffer_horizon_days=buffer_horizon_days
+    )
     report.receipts_deleted, report.dead_letters_deleted = delete_old_rows(
         conn,
         now,
@@ -122,6 +129,7 @@ def run_maintenance(
             report.partitions_dropped,
             report.hours_refreshed,
             report.receipts_deleted,
+            report.receipt_partitions_dropped,
             report.dead_letters_deleted,
             report.retention_policies_set,
         )
@@ -348,21 +356,21 @@ def delete_old_rows(
 ) -> tuple[int, int]:
     """Delete expired dedup receipts and dead letters; return (receipts, dead letters) deleted.
 
-    A receipt is kept one day longer than the buffer horizon: a redelivered message older than
-    the horizon is rejected as too old anyway, so its receipt is no longer needed.
+    Receipts are dropped a day's partition at a time (``receipts.drop_expired``); here go only
+    those that found no partition and wait in the DEFAULT one.
     """
     _aware(now)
     with conn.transaction():
         _lock(conn)
-        receipts = conn.execute(
-            "DELETE FROM message_receipts WHERE received_at < %s",
-            (now - timedelta(days=buffer_horizon_days + 1),),
+        receipts_deleted = conn.execute(
+            "DELETE FROM message_receipts_default WHERE day < %s",
+            (receipts.retention_start(now, buffer_horizon_days),),
         ).rowcount
         dead = conn.execute(
             "DELETE FROM dead_letters WHERE received_at < %s",
             (now - timedelta(days=retention_dead_letters_days),),
         ).rowcount
-    return receipts, dead
+    return receipts_deleted, dead
 
 
 def _recompute_hours(conn: psycopg.Connection, lo: datetime, hi: datetime) -> None:

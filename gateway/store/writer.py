@@ -47,6 +47,7 @@ from eldercare.devices.records import (
     Interpretation,
     Rejection,
 )
+from eldercare.gateway.store.receipts import receipt_day
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,30 @@ def _dumps(obj: object) -> str:
 
 def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
+
+
+# The batch's receipt keys as one text parameter: "device\tmsg_id\tday\tanywhere" lines,
+# ``anywhere`` non-empty for a message with no time of its own (looked up in every day).
+_CLAIM_KEYS = (
+    "WITH k AS ("
+    " SELECT split_part(x, E'\\t', 1) AS device_id, split_part(x, E'\\t', 2) AS msg_id,"
+    " split_part(x, E'\\t', 3)::date AS day, split_part(x, E'\\t', 4) <> '' AS anywhere"
+    " FROM unnest(string_to_array(%s, E'\\n')) WITH ORDINALITY AS u(x, n) ORDER BY n)"
+)
+_CLAIM = (
+    _CLAIM_KEYS + ", ins AS (INSERT INTO message_receipts (device_id, msg_id, day, received_at)"
+    " SELECT device_id, msg_id, day, %s FROM k ON CONFLICT DO NOTHING RETURNING device_id, msg_id)"
+    " SELECT device_id, msg_id FROM k EXCEPT SELECT device_id, msg_id FROM ins"
+)
+_CLAIM_ANY_DAY = (
+    _CLAIM_KEYS + ", seen AS (SELECT device_id, msg_id FROM k WHERE anywhere AND EXISTS ("
+    " SELECT 1 FROM message_receipts r WHERE r.device_id = k.device_id AND r.msg_id = k.msg_id)),"
+    " ins AS (INSERT INTO message_receipts (device_id, msg_id, day, received_at)"
+    " SELECT device_id, msg_id, day, %s FROM k"
+    " WHERE NOT EXISTS (SELECT 1 FROM seen WHERE seen.device_id = k.device_id AND seen.msg_id = k.msg_id)"
+    " ON CONFLICT DO NOTHING RETURNING device_id, msg_id)"
+    " SELECT device_id, msg_id FROM k EXCEPT SELECT device_id, msg_id FROM ins"
+)
 
 
 class BatchWriter:
@@ -361,27 +386,30 @@ class BatchWriter:
     def _claim_receipts(self, cur: psycopg.Cursor, batch: Sequence[Received]) -> set[tuple[str, str]]:
         """Insert the batch's (publisher, msg_id) receipts; return the keys already there.
 
-        The keys travel as one text parameter (ids cannot hold tabs or newlines), which
-        costs far less to send than three arrays dumped element by element; only the
-        duplicates come back, and there are normally none.
+        Each receipt goes to its message's day (``receipts.receipt_day``): one probe of that
+        day's unique index. A message with no time of its own is looked up in every day kept
+        first, then filed under its reception day. The keys travel as one text parameter
+        (ids cannot hold tabs or newlines), which costs far less to send than arrays dumped
+        element by element; only the duplicates come back, and there are normally none.
         """
-        keys = {
-            (it.source_id, it.msg_id)
-            for it in (msg.interp for msg in batch)
-            if it.source_id and it.msg_id and it.accepted
-        }
-        if not keys:
+        days: dict[tuple[str, str], tuple[date, bool]] = {}
+        for msg in batch:
+            it = msg.interp
+            if not (it.source_id and it.msg_id and it.accepted):
+                continue
+            key = (it.source_id, it.msg_id)
+            if key not in days:  # a repeat in the batch is the same message: the first decides
+                received = _utc(msg.received_at)
+                own = receipt_day(it, received)
+                days[key] = (received.date(), True) if own is None else (own, False)
+        if not days:
             return set()
-        ordered = sorted(keys)  # a fixed lock order, so two workers never deadlock
-        cur.execute(
-            "WITH k AS ("
-            " SELECT split_part(x, E'\\t', 1) AS device_id, split_part(x, E'\\t', 2) AS msg_id"
-            " FROM unnest(string_to_array(%s, E'\\n')) WITH ORDINALITY AS u(x, n) ORDER BY n),"
-            " ins AS (INSERT INTO message_receipts (device_id, msg_id, received_at)"
-            " SELECT device_id, msg_id, %s FROM k ON CONFLICT DO NOTHING RETURNING device_id, msg_id)"
-            " SELECT device_id, msg_id FROM k EXCEPT SELECT device_id, msg_id FROM ins",
-            ("\n".join(f"{d}\t{m}" for d, m in ordered), _utc(batch[-1].received_at)),
+        ordered = sorted(days)  # a fixed lock order, so two workers never deadlock
+        lines = "\n".join(
+            f"{d}\t{m}\t{days[d, m][0].isoformat()}\t{'t' if days[d, m][1] else ''}" for d, m in ordered
         )
+        any_day = any(anywhere for _, anywhere in days.values())
+        cur.execute(_CLAIM_ANY_DAY if any_day else _CLAIM, (lines, _utc(batch[-1].received_at)))
         return {(row[0], row[1]) for row in cur.fetchall()}
 
     def _copy_readings(self, cur: psycopg.Cursor, readings: list) -> None:

@@ -17,6 +17,7 @@ from eldercare.gateway.store.maintenance import (
     run_maintenance,
     week_start,
 )
+from eldercare.gateway.store.receipts import partition_name as receipt_partition
 
 NOW = datetime(2031, 6, 11, 15, 30, tzinfo=UTC)  # a Wednesday, far from the real clock
 
@@ -141,10 +142,11 @@ def test_retention_drops_whole_old_weeks_with_their_rollups_and_old_dead_letters
                 " VALUES (%s, 't', 'bad_json', %s, 0)",
                 (NOW - timedelta(days=age_days), msg),
             )
-        for age_days, msg in ((32, "old"), (30, "recent")):
+        for age_days, msg in ((32, "old"), (30, "recent")):  # no partitions in 2031 yet: DEFAULT
+            t = NOW - timedelta(days=age_days)
             conn.execute(
-                "INSERT INTO message_receipts (device_id, msg_id, received_at) VALUES ('d1', %s, %s)",
-                (msg, NOW - timedelta(days=age_days)),
+                "INSERT INTO message_receipts (device_id, msg_id, day, received_at) VALUES ('d1', %s, %s, %s)",
+                (msg, t.date(), t),
             )
         conn.commit()
     run_maintenance(plain_db, now=then)  # rollups of `old` and `kept`
@@ -266,10 +268,11 @@ def test_maintenance_cleans_dead_letters_and_receipts_on_both_flavours(
             " VALUES (%s, 't', 'bad_json', 'old', 0), (%s, 't', 'bad_json', 'new', 0)",
             (now - timedelta(days=11), now - timedelta(days=9)),
         )
+        old, new = now - timedelta(days=7), now - timedelta(days=5)
         conn.execute(
-            "INSERT INTO message_receipts (device_id, msg_id, received_at)"
-            " VALUES ('d1', 'old', %s), ('d1', 'new', %s)",
-            (now - timedelta(days=7), now - timedelta(days=5)),
+            "INSERT INTO message_receipts (device_id, msg_id, day, received_at)"
+            " VALUES ('d1', 'old', %s, %s), ('d1', 'new', %s, %s)",
+            (old.date(), old, new.date(), new),
         )
         conn.commit()
     report = run_maintenance(
@@ -280,7 +283,12 @@ def test_maintenance_cleans_dead_letters_and_receipts_on_both_flavours(
         retention_observations_days=400,
     )
     assert report.flavour == flavour
-    assert (report.dead_letters_deleted, report.receipts_deleted) == (1, 1)
+    # The old receipt went with its day's partition; none waited in the DEFAULT one.
+    assert (report.dead_letters_deleted, report.receipts_deleted) == (1, 0)
+    assert receipt_partition(old.date()) in report.receipt_partitions_dropped
+    assert receipt_partition(new.date()) not in report.receipt_partitions_dropped
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT msg_id FROM message_receipts").fetchall() == [("new",)]
     if flavour == "timescale":
         assert set(report.retention_policies_set) == {
             "observations",
