@@ -234,13 +234,11 @@ def devices_passwd_file(
     import psycopg
 
     from eldercare.devices.credentials import hash_password, render_password_file
+    from eldercare.gateway.store.devices import broker_accounts
 
     s = settings()
     with psycopg.connect(database_url(s)) as conn:
-        entries = conn.execute(
-            "SELECT device_id, password_hash FROM devices"
-            " WHERE enabled AND password_hash IS NOT NULL ORDER BY device_id"
-        ).fetchall()
+        entries = broker_accounts(conn)
     if s.mqtt_url and s.mqtt.username and s.mqtt.password:
         entries.append((s.mqtt.username, hash_password(s.mqtt.password)))
     folder = os.path.dirname(os.path.abspath(path))
@@ -262,22 +260,13 @@ def dead_letters(
     """Recent rejected messages with their reasons, and counts per reason."""
     import psycopg
 
+    from eldercare.gateway.store.dead_letters import DeadLetterFilter, counts_by_reason, recent
+
     s = settings()
-    after = datetime.now(UTC) - timedelta(minutes=since)
-    where = "received_at >= %(after)s AND (%(d)s::text IS NULL OR device_id = %(d)s)"
-    where += " AND (%(r)s::text IS NULL OR reason = %(r)s)"
-    params = {"after": after, "d": device, "r": reason, "n": limit}
+    which = DeadLetterFilter(datetime.now(UTC) - timedelta(minutes=since), device, reason)
     with psycopg.connect(database_url(s)) as conn:
-        counts = conn.execute(
-            f"SELECT reason, sum(item_count), count(*) FROM dead_letters WHERE {where}"
-            " GROUP BY reason ORDER BY 2 DESC",
-            params,
-        ).fetchall()
-        rows = conn.execute(
-            "SELECT received_at, device_id, msg_id, reason, detail, item_count, payload"
-            f" FROM dead_letters WHERE {where} ORDER BY received_at DESC, id DESC LIMIT %(n)s",
-            params,
-        ).fetchall()
+        counts = counts_by_reason(conn, which)
+        rows = recent(conn, which, limit)
     summary = Table("reason", "items", "messages", title=f"rejections in the last {since} min")
     for r, items, msgs in counts:
         summary.add_row(r, str(items), str(msgs))
@@ -285,10 +274,17 @@ def dead_letters(
     table = Table("received", "device", "msg_id", "reason", "detail", "items")
     if payload:
         table.add_column("payload")
-    for at, dev, mid, r, detail, items, raw in rows:
-        cells = [at.isoformat(timespec="seconds"), dev or "?", mid or "", r, detail, str(items)]
+    for row in rows:
+        cells = [
+            row.received_at.isoformat(timespec="seconds"),
+            row.device_id or "?",
+            row.msg_id or "",
+            row.reason,
+            row.detail,
+            str(row.item_count),
+        ]
         if payload:
-            cells.append(bytes(raw or b"")[:80].decode("utf-8", "replace"))
+            cells.append(bytes(row.payload or b"")[:80].decode("utf-8", "replace"))
         table.add_row(*cells)
     out.print(table)
 

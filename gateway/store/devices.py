@@ -263,3 +263,12 @@ def list_devices(conn: psycopg.Connection, elder_id: str | None = None, limit: i
             {"e": elder_id, "n": limit},
         )
         return [DeviceRow(*row) for row in cur]
+
+
+def broker_accounts(conn: psycopg.Connection) -> list[tuple[str, str]]:
+    """(device id, password hash) of every enabled device with a password, by id."""
+    rows = conn.execute(
+        "SELECT device_id, password_hash FROM devices"
+        " WHERE enabled AND password_hash IS NOT NULL ORDER BY device_id"
+    ).fetchall()
+    return [(device_id, password_hash) for device_id, password_hash in rows]
