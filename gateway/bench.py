@@ -381,7 +381,7 @@ def _client(client_id: str, protocol: Protocol, clean: bool) -> mqtt.Client:
 
 
 def _connect(client: mqtt.Client, url: str, protocol: Protocol, clean: bool) -> None:
-    from eldercare.gateway.settings import MqttTarget
+    from eldercare.devices.connection import MqttTarget
 
     target = MqttTarget(url)
     if target.username:

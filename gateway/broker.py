@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal, Protocol, Self
-from urllib.parse import quote
 
+from eldercare.devices.connection import MqttAccount, mqtt_url
 from eldercare.devices.credentials import (
     check_username,
     hash_password,
@@ -124,25 +124,6 @@ def _config_path(path: str | Path) -> str:
 
 
 @dataclass(frozen=True)
-class MqttAccount:
-    """Credentials of one broker account, and the client id to connect with."""
-
-    username: str
-    password: str
-    host: str
-    port: int
-    client_id: str
-
-    @property
-    def url(self) -> str:
-        """``mqtt://user:password@host:port`` (for ELDERCARE_MQTT_URL)."""
-        return mqtt_url(self.host, self.port, self.username, self.password)
-
-    def __repr__(self) -> str:  # never print the password
-        return f"MqttAccount({self.username!r} @ {self.host}:{self.port})"
-
-
-@dataclass(frozen=True)
 class BrokerCapabilities:
     """What the running broker offers; the worker and tests adapt to it."""
 
@@ -206,17 +187,6 @@ class Broker(Protocol):
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the broker if we run it."""
         ...
-
-
-def mqtt_url(host: str, port: int, username: str | None = None, password: str | None = None) -> str:
-    """``mqtt://[user[:password]@]host:port`` with the credentials percent-encoded."""
-    auth = ""
-    if username is not None:
-        auth = quote(username, safe="")
-        if password is not None:
-            auth += ":" + quote(password, safe="")
-        auth += "@"
-    return f"mqtt://{auth}{host}:{port}"
 
 
 def gateway_env(

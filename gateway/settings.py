@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from functools import cached_property
 from typing import Literal
-from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from eldercare.devices.connection import MqttTarget
 
 #: Shown by ``eldercare --help``: each setting, its variable and its default.
 SETTINGS_HELP = """\
@@ -44,27 +45,6 @@ Settings (environment variables, or a .env file in the working folder):
   ELDERCARE_RULES               module:factory of the rule set run in each batch's transaction
                                 (default eldercare.alerts.ruleset:NoRules)
 """
-
-
-class MqttTarget:
-    """The broker address parsed out of ``MQTT_URL``."""
-
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ValueError(f"MQTT_URL must start with mqtt:// or mqtts://, got {url!r}")
-        if not parts.hostname:
-            raise ValueError(f"MQTT_URL has no host: {url!r}")
-        self.tls = parts.scheme == "mqtts"
-        self.host = parts.hostname
-        self.port = parts.port or (8883 if self.tls else 1883)
-        self.username = unquote(parts.username) if parts.username else None
-        self.password = unquote(parts.password) if parts.password else None
-
-    def __repr__(self) -> str:  # never print the password
-        scheme = "mqtts" if self.tls else "mqtt"
-        user = f"{self.username}@" if self.username else ""
-        return f"{scheme}://{user}{self.host}:{self.port}"
 
 
 class Settings(BaseSettings):

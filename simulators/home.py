@@ -16,8 +16,8 @@ from itertools import count
 
 import orjson
 
+from eldercare.devices.connection import MqttAccount
 from eldercare.devices.registry import DeviceInfo
-from eldercare.gateway.broker import MqttAccount
 from eldercare.simulators.device_link import DeviceLink
 
 

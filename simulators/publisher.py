@@ -41,7 +41,7 @@ import paho.mqtt.client as mqtt
 import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
-from eldercare.gateway.settings import MqttTarget
+from eldercare.devices.connection import MqttTarget
 from eldercare.simulators.device_link import NO_MATCHING_SUBSCRIBERS
 
 Variant = Literal["telemetry", "hub"]
