@@ -298,3 +298,38 @@ def test_clock_skewed_readings_are_stored_but_never_reach_the_rules(conn, decisi
     assert [r.metric for r in rules.seen[0].readings] == ["spo2"]
     assert count(conn, "SELECT count(*) FROM observations WHERE 'clock_skew' = ANY(flags)") == 1
     assert count(conn, "SELECT count FROM device_rejections WHERE reason = 'clock_skew'") == 1
+
+
+def _receipt_days(conn) -> list[tuple[str, object]]:
+    return conn.execute("SELECT msg_id, day FROM message_receipts ORDER BY msg_id").fetchall()
+
+
+def test_a_redelivery_days_later_is_caught_in_the_day_of_the_messages_own_time(conn) -> None:
+    own = datetime.fromtimestamp(NOW - 3600, UTC)  # the device's ts, an hour before reception
+
+    def sent(received_at: float) -> Received:
+        interp = Interpretation(source_id="w-0001", msg_id="m1", seen_devices=["w-0001"])
+        interp.readings.append(Reading(own, "w-0001", "e-1", "heart_rate", 72, []))
+        return Received("eldercare/v1/devices/w-0001/telemetry", b"{}", received_at, interp)
+
+    writer = BatchWriter(flavour(conn))
+    first = writer.write(conn, [sent(NOW)])
+    again = writer.write(conn, [sent(NOW + 3 * 86400)])  # the device sends it again 3 days on
+    assert (first.readings, again.readings, again.duplicates) == (1, 0, 1)
+    assert _receipt_days(conn) == [("m1", own.date())]
+
+
+def test_a_message_with_no_time_of_its_own_is_caught_on_a_later_day_too(conn) -> None:
+    def ack(received_at: float) -> Received:
+        # A command ack without ts: the interpreter stamps it with the receive time.
+        at = datetime.fromtimestamp(received_at, UTC)
+        interp = Interpretation(source_id="w-0001", msg_id="a1")
+        interp.events.append(DeviceEvent(at, "w-0001", "e-1", "command_ack", {"cmd_id": "c1"}, []))
+        return Received("eldercare/v1/devices/w-0001/ack", b"{}", received_at, interp)
+
+    writer = BatchWriter(flavour(conn))
+    writer.write(conn, [ack(NOW), telemetry("w-0002", "m1", {"spo2": 97})])
+    again = writer.write(conn, [ack(NOW + 2 * 86400)])
+    assert (again.events, again.duplicates) == (0, 1)
+    assert count(conn, "SELECT count(*) FROM device_events") == 1
+    assert _receipt_days(conn) == [("a1", T.date()), ("m1", T.date())]  # filed under the reception day

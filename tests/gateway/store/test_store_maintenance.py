@@ -145,7 +145,8 @@ def test_retention_drops_whole_old_weeks_with_their_rollups_and_old_dead_letters
         for age_days, msg in ((32, "old"), (30, "recent")):  # no partitions in 2031 yet: DEFAULT
             t = NOW - timedelta(days=age_days)
             conn.execute(
-                "INSERT INTO message_receipts (device_id, msg_id, day, received_at) VALUES ('d1', %s, %s, %s)",
+                "INSERT INTO message_receipts (device_id, msg_id, day, received_at)"
+                " VALUES ('d1', %s, %s, %s)",
                 (msg, t.date(), t),
             )
         conn.commit()
