@@ -8,12 +8,13 @@ import threading
 import warnings
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from eldercare.gateway.bench.options import BenchOptions
 from eldercare.gateway.settings import SETTINGS_HELP, Settings, SettingsError, load_settings
 
 console = Console(stderr=True, soft_wrap=True)
@@ -33,6 +34,8 @@ devices_app = typer.Typer(help="Register, list and disable devices.", no_args_is
 bench_app = typer.Typer(help="Benchmarks that print figures (not tests).", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 app.add_typer(bench_app, name="bench")
+#: The documented benchmark's figures, for the help of ``bench ingest``.
+BENCH_DEFAULTS = BenchOptions()
 
 
 class Role(StrEnum):
@@ -290,18 +293,126 @@ def dead_letters(
 
 
 @bench_app.command("ingest")
-def bench_ingest(ctx: typer.Context) -> None:
-    """Measure the highest sustained zero-loss ingest rate, beside a bare MQTT drain."""
-    from eldercare.gateway.bench import main as bench_main
+def bench_ingest(
+    quick: Annotated[bool, typer.Option("--quick", help="smoke run: short steps (about 30 s)")] = False,
+    variant: Annotated[Literal["telemetry", "hub", "both"], typer.Option(help="payload variant")] = "both",
+    workers: Annotated[int, typer.Option(help="ingest worker processes")] = BENCH_DEFAULTS.workers,
+    protocol: Annotated[
+        Literal["5", "3.1.1"], typer.Option(help="MQTT protocol of the worker(s) and the bare subscriber")
+    ] = BENCH_DEFAULTS.protocol,
+    publisher_protocol: Annotated[
+        Literal["5", "3.1.1"],
+        typer.Option(
+            help="MQTT protocol of the publishers (5: a 0x10 PUBACK is sent again, as devices must)"
+        ),
+    ] = BENCH_DEFAULTS.publisher_protocol,
+    rates: Annotated[
+        str | None, typer.Option(metavar="RATES", help="telemetry steps, msg/s, e.g. 4000,8000,12000")
+    ] = None,
+    hub_rates: Annotated[
+        str | None, typer.Option(metavar="RATES", help="hub steps, msg/s, e.g. 50,100,200")
+    ] = None,
+    step_seconds: Annotated[
+        float | None, typer.Option(help=f"seconds per step (default {BENCH_DEFAULTS.step_s:g})")
+    ] = None,
+    settle_seconds: Annotated[
+        float | None, typer.Option(help=f"catch-up allowed (default {BENCH_DEFAULTS.settle_s:g})")
+    ] = None,
+    drain: Annotated[
+        int | None, typer.Option(help=f"telemetry backlog (default {BENCH_DEFAULTS.drain_messages:,})")
+    ] = None,
+    hub_drain: Annotated[
+        int | None, typer.Option(help=f"hub backlog (default {BENCH_DEFAULTS.hub_drain_messages:,})")
+    ] = None,
+    devices: Annotated[
+        int | None, typer.Option(help=f"wristbands (default {BENCH_DEFAULTS.devices})")
+    ] = None,
+    hubs: Annotated[
+        int | None,
+        typer.Option(help=f"hubs (default {BENCH_DEFAULTS.hubs}, {BENCH_DEFAULTS.subs_per_hub} subs each)"),
+    ] = None,
+    publishers: Annotated[
+        int | None, typer.Option(help="publisher processes (default: 1 per 15k msg/s)")
+    ] = None,
+    no_bare: Annotated[bool, typer.Option("--no-bare", help="skip the bare subscriber baseline")] = False,
+    keep_going: Annotated[
+        bool, typer.Option("--keep-going", help="run every step even after a failure")
+    ] = False,
+    worker_env: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME=VALUE",
+            help="extra setting for the workers, e.g. ELDERCARE_BATCH_SIZE=1000 (repeatable)",
+        ),
+    ] = None,
+    admin_url: Annotated[
+        str | None,
+        typer.Option(
+            help="PostgreSQL URL allowed to CREATE DATABASE "
+            "(default: the server of ELDERCARE_DATABASE_URL, else local PostgreSQL)"
+        ),
+    ] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="keep the database and the work folder")] = False,
+    json_path: Annotated[
+        str | None, typer.Option("--json", help="also write the results as JSON to this file")
+    ] = None,
+    profile_prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--profile",
+            metavar="PREFIX",
+            help="record the worker with py-spy during its drain into PREFIX-<variant>.txt",
+        ),
+    ] = None,
+) -> None:
+    """Measure the highest sustained zero-loss ingest rate, beside a bare MQTT drain.
 
-    bench_main(list(ctx.args))
+    Uses its own database (created on --admin-url, dropped afterwards) and its own mosquitto.
+    """
+    from dataclasses import replace
 
+    from eldercare.gateway.bench.database import default_admin_url
+    from eldercare.gateway.bench.ingest import run_ingest_bench
+    from eldercare.gateway.bench.options import VARIANTS, parse_rates
 
-bench_app.registered_commands[-1].context_settings = {
-    "allow_extra_args": True,
-    "ignore_unknown_options": True,
-    "help_option_names": [],
-}
+    def steps(text: str | None, option: str) -> tuple[float, ...] | None:
+        try:
+            return parse_rates(text) if text is not None else None
+        except ValueError:
+            raise typer.BadParameter(f"comma-separated rates, not {text!r}", param_hint=option) from None
+
+    env = [e.partition("=") for e in worker_env or []]
+    if any(not sep for _, sep, _ in env):
+        raise typer.BadParameter("NAME=VALUE", param_hint="--worker-env")
+    given: dict[str, Any] = {
+        "rates": steps(rates, "--rates"),
+        "hub_rates": steps(hub_rates, "--hub-rates"),
+        "step_s": step_seconds,
+        "settle_s": settle_seconds,
+        "drain_messages": drain,
+        "hub_drain_messages": hub_drain,
+        "devices": devices,
+        "hubs": hubs,
+        "publishers": publishers,
+    }
+    options = replace(
+        BenchOptions.quick() if quick else BenchOptions(),
+        variants=VARIANTS if variant == "both" else (variant,),
+        workers=workers,
+        protocol=protocol,
+        publisher_protocol=publisher_protocol,
+        bare=not no_bare,
+        stop_at_failure=not keep_going,
+        admin_url=admin_url or default_admin_url(),
+        keep=keep,
+        json_path=json_path,
+        profile_prefix=profile_prefix,
+        worker_env=tuple((name, value) for name, _, value in env),
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    result = run_ingest_bench(options, out)
+    if not all(v.lossless for v in result.variants):
+        raise typer.Exit(1)
 
 
 @bench_app.command("memory")
@@ -314,7 +425,7 @@ def bench_memory(
     admin_url: Annotated[str | None, typer.Option(help="PostgreSQL URL allowed to CREATE DATABASE")] = None,
 ) -> None:
     """Peak memory of one ingest worker under a flood of large uploads or small telemetry."""
-    from eldercare.gateway.bench_memory import SHAPES, run_memory_bench
+    from eldercare.gateway.bench.memory import SHAPES, run_memory_bench
 
     shapes = list(SHAPES) if shape == "both" else [shape]
     if any(s not in SHAPES for s in shapes):

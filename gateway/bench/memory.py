@@ -19,14 +19,10 @@ from pathlib import Path
 import psutil
 from rich.console import Console
 
-from eldercare.gateway.bench import (
-    BenchBroker,
-    BenchOptions,
-    Workers,
-    _count,
-    bench_database,
-    default_admin_url,
-)
+from eldercare.gateway.bench.broker import BenchBroker
+from eldercare.gateway.bench.database import bench_database, count_rows, default_admin_url
+from eldercare.gateway.bench.options import BenchOptions
+from eldercare.gateway.bench.workers import Workers
 from eldercare.simulators.publisher import Fleet, PublisherRun, PublishPlan, register_fleet
 
 
@@ -131,7 +127,7 @@ def run_shape(
                         committer = max(committer, max(rss[1:], default=0.0))
                     published = run.published()
                     publishing = run.running()
-                    stored = _count(db_url, "SELECT count(*) FROM message_receipts")
+                    stored = count_rows(db_url, "SELECT count(*) FROM message_receipts")
                     now = time.monotonic() - began
                     if now - last_print >= 5:
                         last_print = now
