@@ -63,6 +63,7 @@ class BenchBroker:
 
 
 def mosquitto_version() -> str:
+    """The installed mosquitto's version line ("?" when it cannot say)."""
     exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     try:
         out = subprocess.run([exe, "-h"], capture_output=True, text=True, timeout=5).stdout
@@ -75,6 +76,7 @@ def mosquitto_version() -> str:
 
 
 def mqtt_client(client_id: str, protocol: Protocol, clean: bool) -> mqtt.Client:
+    """A paho client of ``protocol``; ``clean``: MQTT 3.1.1's clean session (5: at connect)."""
     v5 = protocol == "5"
     return mqtt.Client(
         CallbackAPIVersion.VERSION2,
@@ -85,6 +87,7 @@ def mqtt_client(client_id: str, protocol: Protocol, clean: bool) -> mqtt.Client:
 
 
 def connect_client(client: mqtt.Client, url: str, protocol: Protocol, clean: bool) -> None:
+    """Connect to ``url`` with its account; not clean: a session kept for an hour (MQTT 5)."""
     from eldercare.devices.connection import MqttTarget
 
     target = MqttTarget(url)

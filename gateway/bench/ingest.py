@@ -22,9 +22,6 @@ import contextlib
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -50,7 +47,7 @@ from eldercare.gateway.bench.options import (
     StepResult,
     VariantResult,
 )
-from eldercare.gateway.bench.profiling import profile_summary
+from eldercare.gateway.bench.profiling import PySpy, profile_summary
 from eldercare.gateway.bench.report import batch_text, cpu_text, fmt_seconds, machine_info, print_summary
 from eldercare.gateway.bench.workers import Workers
 from eldercare.simulators.publisher import (
@@ -451,7 +448,14 @@ class VariantRun:
         workers.max_rss = 0
         workers.start()
         started = workers.started_at
-        spy = self._start_profile(workers)
+        spy = None
+        if self.o.profile_prefix:
+            out = Path(f"{self.o.profile_prefix}-{self.variant}.txt")
+            try:
+                spy = PySpy(workers.pids[0], out)
+                self.say(f"recording worker {workers.pids[0]} with py-spy into {out}")
+            except RuntimeError as exc:
+                self.notes.append(str(exc))
         deadline = time.monotonic() + max(120.0, m / 500.0)
         last, last_change = 0, time.monotonic()
         meter: CpuMeter | None = None
@@ -476,7 +480,11 @@ class VariantRun:
                 )
                 time.sleep(0.05)
         if spy is not None:
-            self._finish_profile(*spy)
+            try:
+                for line in profile_summary(spy.stop()):
+                    self.say(f"profile: {line}")
+            except RuntimeError as exc:
+                self.notes.append(str(exc))
         # The drain starts when the first backlog message reaches a worker (receipt time).
         first_rx = self._first_receipt(tag_report)
         begin = first_rx if first_rx is not None else started
@@ -506,32 +514,6 @@ class VariantRun:
             with contextlib.suppress(psycopg.Error):
                 groups["postgres"] = postgres_pids(self.db_url)
         return CpuMeter(groups)
-
-    def _start_profile(self, workers: Workers) -> tuple[subprocess.Popen[bytes], Path] | None:
-        if not self.o.profile_prefix:
-            return None
-        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        out = Path(f"{self.o.profile_prefix}-{self.variant}.txt")
-        # --gil: only the thread holding the GIL is sampled (the worker is GIL-bound, so that
-        # is where its one core goes); --nonblocking: the worker is not paused per sample.
-        cmd = [exe, "record", "--pid", str(workers.pids[0]), "--rate", "100", "--format", "raw"]
-        cmd += ["--threads", "--gil", "--nonblocking", "--output", str(out)]
-        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.say(f"recording worker {workers.pids[0]} with py-spy into {out}")
-        return spy, out
-
-    def _finish_profile(self, spy: subprocess.Popen[bytes], out: Path) -> None:
-        spy.send_signal(signal.SIGINT)
-        try:
-            _, err = spy.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            _, err = spy.communicate()
-        if not out.exists():
-            self.notes.append(f"py-spy wrote no profile: {err.decode(errors='replace')[-300:]}")
-            return
-        for line in profile_summary(out.read_text()):
-            self.say(f"profile: {line}")
 
     def _first_receipt(self, report: PublishReport) -> float | None:
         tag = f"{report.tag}-%"

@@ -1,6 +1,12 @@
-"""Where a worker's time goes: a summary of a py-spy profile."""
+"""Where a worker's time goes: py-spy recording a worker, and a summary of its profile."""
 
 from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 #: Where a worker's time goes: the innermost frame from one of these names a sample's owner.
 _PROFILE_BUCKETS: tuple[tuple[str, str], ...] = (
@@ -12,6 +18,34 @@ _PROFILE_BUCKETS: tuple[tuple[str, str], ...] = (
     ("paho-mqtt (socket, packet parsing, callbacks, acks)", "paho/"),
     ("queue / threading", "threading.py"),
 )
+
+
+class PySpy:
+    """py-spy recording one process into a file of collapsed stacks (with threads) until stopped."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        """Start recording ``pid`` (RuntimeError when py-spy is not installed)."""
+        self.out = out
+        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(exe).exists():
+            raise RuntimeError("py-spy is not installed (pip install py-spy): no profile")
+        # --gil: only the thread holding the GIL is sampled (the worker is GIL-bound, so that
+        # is where its one core goes); --nonblocking: the worker is not paused per sample.
+        cmd = [exe, "record", "--pid", str(pid), "--rate", "100", "--format", "raw"]
+        cmd += ["--threads", "--gil", "--nonblocking", "--output", str(out)]
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> str:
+        """Stop recording; the profile's text (RuntimeError with py-spy's words when it wrote none)."""
+        self._proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self._proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            _, err = self._proc.communicate()
+        if not self.out.exists():
+            raise RuntimeError(f"py-spy wrote no profile: {err.decode(errors='replace')[-300:]}")
+        return self.out.read_text()
 
 
 def profile_summary(raw: str, top: int = 12, rate: float = 100.0) -> list[str]:

@@ -26,16 +26,19 @@ from eldercare.gateway.bench.options import (
 
 
 def fmt_rate(x: float | None) -> str:
+    """A rate as ``12,345`` (``—`` for none)."""
     return "—" if x is None else f"{x:,.0f}"
 
 
 def fmt_seconds(x: float | None) -> str:
+    """A duration in ms below 10 s, else in s (``—`` for none)."""
     if x is None:
         return "—"
     return f"{x * 1000:,.0f} ms" if x < 10 else f"{x:,.1f} s"
 
 
 def cpu_text(cpu: dict[str, float]) -> str:
+    """A CpuMeter reading as one line, per group and for the whole machine."""
     keys = ("worker", "postgres", "broker", "publishers", "bare", "bench", "rest")
     if not cpu:
         return "CPU: too short to measure"
@@ -46,6 +49,7 @@ def cpu_text(cpu: dict[str, float]) -> str:
 
 
 def batch_text(r: StepResult | DrainResult) -> str:
+    """The workers' batch size and commit times, or nothing (bare subscribers)."""
     if r.batch_mean is None:
         return ""
     return (

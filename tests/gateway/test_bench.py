@@ -13,15 +13,58 @@ import pytest
 
 ELDERCARE = str(Path(sys.executable).with_name("eldercare"))
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()),
-        reason="the benchmark measures the real Mosquitto: apt-get install mosquitto",
-    ),
-]
+needs_mosquitto = pytest.mark.skipif(
+    not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()),
+    reason="the benchmark measures the real Mosquitto: apt-get install mosquitto",
+)
+
+INGEST_OPTIONS = (
+    "--quick",
+    "--variant",
+    "--workers",
+    "--protocol",
+    "--publisher-protocol",
+    "--rates",
+    "--hub-rates",
+    "--step-seconds",
+    "--settle-seconds",
+    "--drain",
+    "--hub-drain",
+    "--devices",
+    "--hubs",
+    "--publishers",
+    "--no-bare",
+    "--keep-going",
+    "--worker-env",
+    "--admin-url",
+    "--keep",
+    "--json",
+    "--profile",
+)
 
 
+def test_ingest_help_lists_every_option() -> None:
+    done = subprocess.run(
+        [ELDERCARE, "bench", "ingest", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr
+    listed = {word for line in done.stdout.splitlines() for word in line.split() if word.startswith("--")}
+    assert set(INGEST_OPTIONS) <= listed
+
+
+def test_ingest_rejects_rates_that_are_not_numbers() -> None:
+    done = subprocess.run(
+        [ELDERCARE, "bench", "ingest", "--rates", "4000,fast"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "--rates" in done.stderr
+
+
+@pytest.mark.slow
+@needs_mosquitto
 def test_quick_benchmark_stores_everything_once_and_reports_rates(tmp_path: Path, pg_admin_url: str) -> None:
     out = tmp_path / "bench.json"
     done = subprocess.run(
@@ -50,6 +93,8 @@ def test_quick_benchmark_stores_everything_once_and_reports_rates(tmp_path: Path
     assert variant["sustained_rate"] > 0 and variant["drain_ratio"] > 0
 
 
+@pytest.mark.slow
+@needs_mosquitto
 def test_memory_benchmark_floods_a_worker_and_reports_its_peak(pg_admin_url: str) -> None:
     done = subprocess.run(
         [ELDERCARE, "bench", "memory", "--shape", "telemetry", "--seconds", "3", "--admin-url", pg_admin_url],
