@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from importlib import resources
+from pathlib import Path
 
 import psycopg
 
 from eldercare.devices.records import CLOCK_SKEW, DeviceEvent, Interpretation, Reading, StatusUpdate
 from eldercare.gateway.store import receipts
+from eldercare.gateway.store.migrate import migrate
 
 NOW = datetime(2031, 6, 11, 15, 30, tzinfo=UTC)  # far from the real clock: no partitions yet
 
@@ -92,3 +95,32 @@ def test_days_past_the_window_are_dropped_whole_and_the_rest_kept(plain_db: str)
         } <= set(dropped)
         assert min(receipts.partitions(conn).values()) == date(2031, 5, 11)
         assert _where(conn) == {"kept": "message_receipts_p20310511"}
+
+
+def test_the_upgrade_keeps_the_receipts_of_the_window_under_their_reception_day(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    packaged = resources.files("eldercare.gateway.store").joinpath("migrations")
+    before = tmp_path / "migrations"
+    before.mkdir()
+    for entry in packaged.iterdir():
+        if entry.name.endswith(".sql") and entry.name < "0005":
+            (before / entry.name).write_text(entry.read_text(encoding="utf-8"), encoding="utf-8")
+    migrate(fresh_db, flavour="plain", source=before)
+    now = datetime.now(UTC)
+    with psycopg.connect(fresh_db) as conn:
+        conn.execute(
+            "INSERT INTO message_receipts (device_id, msg_id, received_at) VALUES ('w-1', 'recent', %s),"
+            " ('w-1', 'expired', %s)",
+            (now - timedelta(days=2), now - timedelta(days=40)),
+        )
+        conn.commit()
+
+    assert migrate(fresh_db, flavour="plain") == ["0005"]
+
+    with psycopg.connect(fresh_db) as conn:
+        day = (now - timedelta(days=2)).date()
+        assert _where(conn) == {"recent": receipts.partition_name(day)}
+        assert conn.execute("SELECT day FROM message_receipts").fetchone() == (day,)
+        fillfactor = conn.execute("SELECT reloptions FROM pg_class WHERE relname = 'devices'").fetchone()
+        assert fillfactor == (["fillfactor=70"],)
