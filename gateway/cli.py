@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from eldercare.gateway.bench.options import BenchOptions
+from eldercare.gateway.bench.options import BenchOptions, Protocol
 from eldercare.gateway.settings import SETTINGS_HELP, Settings, SettingsError, load_settings
 
 console = Console(stderr=True, soft_wrap=True)
@@ -298,10 +298,10 @@ def bench_ingest(
     variant: Annotated[Literal["telemetry", "hub", "both"], typer.Option(help="payload variant")] = "both",
     workers: Annotated[int, typer.Option(help="ingest worker processes")] = BENCH_DEFAULTS.workers,
     protocol: Annotated[
-        Literal["5", "3.1.1"], typer.Option(help="MQTT protocol of the worker(s) and the bare subscriber")
+        Protocol, typer.Option(help="MQTT protocol of the worker(s) and the bare subscriber")
     ] = BENCH_DEFAULTS.protocol,
     publisher_protocol: Annotated[
-        Literal["5", "3.1.1"],
+        Protocol,
         typer.Option(
             help="MQTT protocol of the publishers (5: a 0x10 PUBACK is sent again, as devices must)"
         ),

@@ -38,6 +38,7 @@ from eldercare.gateway.bench.bare import BareSubscribers
 from eldercare.gateway.bench.broker import BENCH_USER, BenchBroker
 from eldercare.gateway.bench.cpu import CpuMeter, postgres_pids
 from eldercare.gateway.bench.database import bench_database, count_rows
+from eldercare.gateway.bench.machine import machine_info
 from eldercare.gateway.bench.metrics import WorkerSample, bucket_delta, histogram_quantile
 from eldercare.gateway.bench.options import (
     VARIANTS,
@@ -48,7 +49,7 @@ from eldercare.gateway.bench.options import (
     VariantResult,
 )
 from eldercare.gateway.bench.profiling import PySpy, profile_summary
-from eldercare.gateway.bench.report import batch_text, cpu_text, fmt_seconds, machine_info, print_summary
+from eldercare.gateway.bench.report import batch_text, cpu_text, fmt_seconds, print_summary
 from eldercare.gateway.bench.workers import Workers
 from eldercare.simulators.publisher import (
     PublisherRun,
