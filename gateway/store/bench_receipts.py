@@ -122,15 +122,20 @@ _LAST_SEEN = (
 
 
 def _devices_update(url: str, devices: int, batches: int) -> None:
-    """The writer's last_seen update of 500 devices, on ``devices`` (fillfactor 70) and a copy at 100."""
-    print(f"-- last_seen of {BATCH} devices of {devices:,}: fillfactor 100 (before 0005) and 70", flush=True)
+    """The writer's last_seen update of 500 devices: on ``devices``, and on two copies of it
+    (indexes, no triggers) at fillfactor 100 (before 0005) and 70, in turn."""
+    print(
+        f"-- last_seen of {BATCH} devices of {devices:,}: devices, copies at fillfactor 100 and 70",
+        flush=True,
+    )
     rng = random.Random(3)
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CREATE TABLE devices_ff100 (LIKE devices INCLUDING ALL) WITH (fillfactor = 100)")
-        conn.execute("INSERT INTO devices_ff100 SELECT * FROM devices")
-        conn.execute("VACUUM ANALYZE devices_ff100")
+        for ff in (100, 70):
+            conn.execute(f"CREATE TABLE devices_ff{ff} (LIKE devices INCLUDING ALL) WITH (fillfactor = {ff})")
+            conn.execute(f"INSERT INTO devices_ff{ff} SELECT * FROM devices")
+            conn.execute(f"VACUUM ANALYZE devices_ff{ff}")
         steps = {}
-        for table in ("devices_ff100", "devices"):
+        for table in ("devices", "devices_ff100", "devices_ff70"):
             statement = sql.SQL(_LAST_SEEN).format(sql.Identifier(table))
 
             def step(statement: sql.Composed = statement) -> None:
@@ -141,7 +146,12 @@ def _devices_update(url: str, devices: int, batches: int) -> None:
             steps[table] = step
         for table, latencies in _time_in_turn(steps, batches).items():
             _report(f"last_seen update, {table}", latencies)
-        conn.execute("DROP TABLE devices_ff100")
+        hot = conn.execute(
+            "SELECT relname, n_tup_hot_upd * 100 / greatest(n_tup_upd, 1) FROM pg_stat_user_tables"
+            " WHERE relname LIKE 'devices%' ORDER BY relname"
+        ).fetchall()
+        print("   HOT updates: " + ", ".join(f"{name} {pct} %" for name, pct in hot), flush=True)
+        conn.execute("DROP TABLE devices_ff100, devices_ff70")
 
 
 class _Bench:

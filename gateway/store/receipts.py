@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 
 import psycopg
@@ -107,13 +106,15 @@ def create_partitions(
 
     One transaction per day, so each holds the DEFAULT partition locked only for its own
     day: rows of that day already there are moved into the new table before it is attached.
+    ``conn`` must be idle (not in a transaction), like the maintenance job's.
     """
     _aware(now)
     first = retention_start(now, buffer_horizon_days)
     last = now.astimezone(UTC).date() + timedelta(days=days_ahead)
     created: list[str] = []
     moved = 0
-    existing = set(partitions(conn).values())
+    with conn.transaction():  # not an implicit one left open: each day commits on its own
+        existing = set(partitions(conn).values())
     day = first
     while day <= last:
         if day not in existing:
@@ -139,9 +140,9 @@ def drop_expired(conn: psycopg.Connection, now: datetime, *, buffer_horizon_days
     _aware(now)
     keep_from = retention_start(now, buffer_horizon_days)
     dropped: list[str] = []
-    for name, day in sorted(partitions(conn).items(), key=lambda kv: kv[1]):
-        if day >= keep_from:
-            continue
+    with conn.transaction():  # not an implicit one left open: each drop commits on its own
+        expired = sorted((day, name) for name, day in partitions(conn).items() if day < keep_from)
+    for _, name in expired:
         try:
             with conn.transaction():
                 _lock(conn)
@@ -153,13 +154,6 @@ def drop_expired(conn: psycopg.Connection, now: datetime, *, buffer_horizon_days
     if dropped:
         log.info("receipt partitions dropped", extra={"count": len(dropped)})
     return dropped
-
-
-def create_days(conn: psycopg.Connection, days: Iterable[date]) -> None:
-    """Create the partitions of ``days`` that are missing, in the caller's transaction (bench, tests)."""
-    existing = set(partitions(conn).values())
-    for day in sorted(set(days) - existing):
-        _create_partition(conn, day)
 
 
 def _create_partition(conn: psycopg.Connection, day: date) -> int:

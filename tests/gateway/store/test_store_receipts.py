@@ -63,10 +63,11 @@ def test_partitions_cover_the_window_and_take_the_rows_that_waited_in_default(pl
     with psycopg.connect(plain_db) as conn:
         for msg_id, day in (("early", date(2031, 5, 12)), ("today", NOW.date()), ("far", date(2031, 9, 1))):
             _receipt(conn, msg_id, day)
-        conn.commit()
         assert set(_where(conn).values()) == {"message_receipts_default"}
+        conn.commit()
 
         created, moved = receipts.create_partitions(conn, NOW, buffer_horizon_days=30)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # all committed
 
         assert created[0] == "message_receipts_p20310511" and created[-1] == "message_receipts_p20310614"
         assert len(created) == 35 and moved == 2
@@ -86,6 +87,7 @@ def test_days_past_the_window_are_dropped_whole_and_the_rest_kept(plain_db: str)
         conn.commit()
 
         dropped = receipts.drop_expired(conn, NOW, buffer_horizon_days=30)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # all committed
 
         # Every day before 2031-05-11 goes, including those the migration made for the real clock.
         assert {
