@@ -260,3 +260,46 @@ def test_serve_started_before_the_database_waits_with_one_line(ingest: IngestSet
         assert worker.stop() == 0
     finally:
         gate.stop()
+
+
+def test_a_database_outage_with_a_standby_loses_nothing_and_ends_with_one_consumer(
+    ingest: IngestSetup,
+) -> None:
+    """Both workers lose their lease connection at once; after it, exactly one consumes."""
+    needs_mosquitto_guarantees(ingest, "persistent sessions")
+    gate = gate_for(ingest.db_url)
+    try:
+        env = {"ELDERCARE_DATABASE_URL": gated_db_url(ingest.db_url, gate)}
+        holder = ingest.worker("holder", **env).start()
+        links = ingest.links(4)
+        [device] = ingest.devices(1)
+        probes = ingest.wait_until_subscribed(holder, device)
+        standby = ingest.worker("standby", **env).start()
+        wait_for(lambda: "standing by" in full_log(standby), 20, "the second worker to stand by")
+        n = 3_000
+        publisher = flood(links, n, rate=500)
+        wait_for(lambda: stored(ingest.db_url) >= probes + 300, 30, "some stored")
+        gate.close()
+        time.sleep(8.0)
+        gate.open()
+        publisher.join(60)
+        for link in links:
+            assert link.wait_all_taken(60), f"{link.device_id}: {link.outstanding} never taken"
+        wait_for(lambda: stored(ingest.db_url) >= probes + n, 90, "every message stored after the outage")
+        time.sleep(2.0)
+        assert stored(ingest.db_url) == probes + n
+        assert ingest.rows("SELECT count(*) FROM observations WHERE metric = 'steps'") == [(n,)]
+        # Whoever took the lease back consumes; the other stands by (not both, not neither).
+        alive = [w for w in (holder, standby) if w.proc is not None and w.proc.poll() is None]
+        assert len(alive) == 2, "both workers keep running"
+        logs = full_log(holder) + full_log(standby)
+        assert logs.count('"ingest lease held again"') + logs.count('"took over the ingest session"') == 1
+        more = flood(links, 200, rate=200, tag="after")
+        more.join(30)
+        for link in links:
+            assert link.wait_all_taken(30)
+        wait_for(lambda: stored(ingest.db_url) >= probes + n + 200, 30, "the next messages stored")
+        for worker in (holder, standby):
+            assert worker.stop() == 0
+    finally:
+        gate.stop()
