@@ -49,6 +49,7 @@ from eldercare.gateway.bench.options import (
     VariantResult,
 )
 from eldercare.gateway.bench.profiling import PySpy, profile_summary
+from eldercare.gateway.bench.reference import ReferenceWorker
 from eldercare.gateway.bench.report import batch_text, cpu_text, fmt_seconds, print_summary
 from eldercare.gateway.bench.workers import Workers
 from eldercare.simulators.publisher import (
@@ -58,8 +59,11 @@ from eldercare.simulators.publisher import (
     register_fleet,
 )
 
-#: One publisher process is given at most this rate (msg/s) before another is added.
-PUBLISHER_PROCESS_RATE = 15_000.0
+#: One publisher process is given at most this rate (msg/s) before another is added: one
+#: process tops out near 11k msg/s on the 2-core machine while a worker shares it, so a
+#: step is never publisher-limited below the rate it reports. Never fewer than two.
+PUBLISHER_PROCESS_RATE = 5_000.0
+MIN_PUBLISHER_PROCESSES = 2
 #: A step passes only if the lag p99 of its second half stays below this multiple of the
 #: first half's (plus LAG_GROWTH_SLACK_S): a backlog that grows shows as a lag that grows.
 LAG_GROWTH_FACTOR = 1.5
@@ -68,6 +72,8 @@ LAG_GROWTH_SLACK_S = 0.1
 #: (everything stored, late) from a loss (messages never stored).
 BACKLOG_WAIT_S = 60.0
 NO_PROGRESS_S = 10.0
+#: What a paced step publishes to: the gateway's workers, bare subscribers, the reference.
+Sink = Workers | BareSubscribers | ReferenceWorker
 
 
 class VariantRun:
@@ -81,8 +87,11 @@ class VariantRun:
         broker: BenchBroker,
         db_url: str,
         workdir: Path,
+        tag_prefix: str = "",
     ) -> None:
         self.o = options
+        #: Starts every msg_id tag: runs sharing a database need different ones (dedup).
+        self.tag_prefix = tag_prefix
         self.variant = variant
         self.console = console
         self.broker = broker
@@ -98,10 +107,14 @@ class VariantRun:
 
     def tag(self, phase: str) -> str:
         self._tags += 1
-        return f"{self.variant[0]}{phase}{self._tags}"
+        return f"{self.tag_prefix}{self.variant[0]}{phase}{self._tags}"
 
     def plan(self, rate: float | None, tag: str, **kw: Any) -> PublishPlan:
-        procs = self.o.publishers or (2 if rate is None else max(1, math.ceil(rate / PUBLISHER_PROCESS_RATE)))
+        procs = self.o.publishers or (
+            MIN_PUBLISHER_PROCESSES
+            if rate is None
+            else max(MIN_PUBLISHER_PROCESSES, math.ceil(rate / PUBLISHER_PROCESS_RATE))
+        )
         return PublishPlan(
             mqtt_url=self.broker.publisher_url,
             fleet=self.fleet,
@@ -222,7 +235,7 @@ class VariantRun:
                 )
             time.sleep(0.1)
 
-    def ladder(self, who: str, sink: Workers | BareSubscribers) -> list[StepResult]:
+    def ladder(self, who: str, sink: Sink) -> list[StepResult]:
         steps: list[StepResult] = []
         rates = self.o.ladder(self.variant)
         if who == "bare" and len(rates) > 1:
@@ -240,7 +253,7 @@ class VariantRun:
                 break
         return steps
 
-    def step(self, who: str, sink: Workers | BareSubscribers, rate: float, label: str) -> StepResult:
+    def step(self, who: str, sink: Sink, rate: float, label: str) -> StepResult:
         """One paced step: publish at ``rate`` for step_s, then check what arrived."""
         is_worker = isinstance(sink, Workers)
 
@@ -250,7 +263,8 @@ class VariantRun:
         first = sink.sample() if isinstance(sink, Workers) else None
         base = first.stored if first else count()
         mid: WorkerSample | None = None
-        step_s = self.o.step_s if is_worker else min(self.o.step_s, self.o.bare_step_s)
+        bare = isinstance(sink, BareSubscribers)
+        step_s = min(self.o.step_s, self.o.bare_step_s) if bare else self.o.step_s
         run = PublisherRun(self.plan(rate, self.tag("s"), duration_s=step_s))
         groups: dict[str, Sequence[int]] = {
             "broker": [self.broker.pid],
@@ -261,6 +275,10 @@ class VariantRun:
             groups["worker"] = sink.pids
             with contextlib.suppress(psycopg.Error):
                 groups["postgres"] = postgres_pids(self.db_url)
+        elif isinstance(sink, ReferenceWorker):
+            groups["worker"] = sink.pids
+            with contextlib.suppress(psycopg.Error):
+                groups["postgres"] = postgres_pids(sink.db_url)
         else:
             groups["bare"] = sink.pids
         samples: list[tuple[float, int, int]] = []  # (time, published, stored)
@@ -279,7 +297,7 @@ class VariantRun:
                     samples.append((now, published, stored))
                     if s is not None and mid is None and now - t0 >= step_s / 2:
                         mid = s
-                    rss = max(rss, sink.rss() if isinstance(sink, Workers) else 0)
+                    rss = max(rss, sink.rss() if isinstance(sink, Workers | ReferenceWorker) else 0)
                     live.update(Text(self._live_line(title, now - t0, step_s, samples, rss, meter)))
             report = run.wait()
             cpu = meter.read()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,10 @@ _PROFILE_BUCKETS: tuple[tuple[str, str], ...] = (
 )
 
 
+_PROCESSES = re.compile(r'(?:process \d+:"[^"]*";)+')
+_PROCESS_IDS = re.compile(r'process (\d+):"')
+
+
 class PySpy:
     """py-spy recording one process into a file of collapsed stacks (with threads) until stopped."""
 
@@ -30,9 +35,10 @@ class PySpy:
         if not Path(exe).exists():
             raise RuntimeError("py-spy is not installed (pip install py-spy): no profile")
         # --gil: only the thread holding the GIL is sampled (the worker is GIL-bound, so that
-        # is where its one core goes); --nonblocking: the worker is not paused per sample.
+        # is where its one core goes); --nonblocking: the worker is not paused per sample;
+        # --subprocesses: the committer process too.
         cmd = [exe, "record", "--pid", str(pid), "--rate", "100", "--format", "raw"]
-        cmd += ["--threads", "--gil", "--nonblocking", "--output", str(out)]
+        cmd += ["--threads", "--gil", "--nonblocking", "--subprocesses", "--output", str(out)]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop(self) -> str:
@@ -59,10 +65,16 @@ def profile_summary(raw: str, top: int = 12, rate: float = 100.0) -> list[str]:
         if not stack or not n_text.isdigit():
             continue
         n = int(n_text)
+        # With --subprocesses each stack starts with its processes, parent first (the
+        # committer is a child); a command line may hold ';', so they are cut off first.
+        process = ""
+        if procs := _PROCESSES.match(stack):
+            process = f"process {_PROCESS_IDS.findall(procs.group(0))[-1]} "
+            stack = stack[procs.end() :]
         frames = stack.split(";")
         total += n
         head = frames[0]
-        thread = head.split(": ", 1)[1] if ": " in head else "(unnamed)"
+        thread = process + (head.split(": ", 1)[1] if ": " in head else "(unnamed)")
         threads[thread] = threads.get(thread, 0) + n
         owner = "other"
         for f in reversed(frames[1:]):
@@ -80,7 +92,7 @@ def profile_summary(raw: str, top: int = 12, rate: float = 100.0) -> list[str]:
         return sorted(d.items(), key=lambda kv: -kv[1])
 
     out = [f"{total} samples at {rate:g}/s per busy thread = {total / rate:.1f} thread-seconds"]
-    out += [f"thread {k}: {v / rate:.1f} s ({v / total:.0%})" for k, v in by_count(threads)[:5]]
+    out += [f"thread {k}: {v / rate:.1f} s ({v / total:.0%})" for k, v in by_count(threads)[:8]]
     out += [f"{v / total:4.0%} {k}" for k, v in by_count(buckets)]
     out.append("hottest frames (self time):")
     out += [f"  {v / total:5.1%} {k}" for k, v in by_count(selfs)[:top]]

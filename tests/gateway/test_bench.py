@@ -112,3 +112,45 @@ def test_memory_benchmark_floods_a_worker_and_reports_its_peak(pg_admin_url: str
     published, stored = figure("published"), figure("stored")
     assert published == stored > 0
     assert "peak" in line and "committer" in line
+
+
+def test_compare_refuses_a_folder_without_the_reference_worker(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "eldercare.gateway.bench.compare", "--reference", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 2 and "worker.py" in done.stderr
+
+
+def test_compare_rejects_an_unknown_protocol(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eldercare.gateway.bench.compare",
+            "--reference",
+            str(tmp_path),
+            "--protocols",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 2 and "3.1.1 or 5" in done.stderr
+
+
+def test_profile_summary_names_the_process_of_each_thread() -> None:
+    from eldercare.gateway.bench.profiling import profile_summary
+
+    raw = (
+        'process 10:"eldercare serve";thread (0x1): paho;_loop (paho/mqtt/client.py:1) 30\n'
+        'process 11:"python -c spawn";thread (0x2): MainThread;write (gateway/store/writer.py:9) 10\n'
+    )
+    lines = profile_summary(raw)
+    assert any("process 10" in line and "paho" in line for line in lines)
+    assert any("process 11" in line and "MainThread" in line for line in lines)
