@@ -1,0 +1,68 @@
+"""The committer writes two batches at once yet acknowledges in arrival order."""
+
+from __future__ import annotations
+
+import pickle
+import random
+import threading
+import time
+from multiprocessing import Pipe
+
+import psycopg
+
+from eldercare.gateway.ingest.committer import DONE, DRAIN, PIPELINE_DEPTH, CommitReport, Committer
+from eldercare.gateway.settings import Settings
+from eldercare.gateway.store.devices import add_device
+
+TOPIC = "eldercare/v1/devices/w-order/telemetry"
+
+
+def payload(i: int) -> bytes:
+    return b'{"msg_id":"o-%d","ts":%d,"metrics":{"heart_rate":%d}}' % (
+        i,
+        int(time.time() * 1000),
+        60 + i % 30,
+    )
+
+
+def test_batches_finishing_out_of_order_are_acknowledged_in_arrival_order(db_url: str) -> None:
+    with psycopg.connect(db_url) as conn:
+        add_device(conn, "w-order", "wristband", "e-1")
+    settings = Settings(database_url=db_url, metrics_port=0, batch_size=50, batch_max_delay_ms=5)
+    to_committer, inbound = Pipe()
+    outbound, from_committer = Pipe()
+    committer = Committer(settings, inbound, outbound)
+    write, rnd, lock = committer.writer.write, random.Random(7), threading.Lock()
+    in_flight, most = 0, 0
+
+    def slow_write(conn, batch):
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        try:
+            time.sleep(rnd.random() * 0.03)  # so a later batch often commits first
+            return write(conn, batch)
+        finally:
+            with lock:
+                in_flight -= 1
+
+    committer.writer.write = slow_write  # type: ignore[method-assign]
+    thread = threading.Thread(target=committer.run, daemon=True)
+    thread.start()
+    n = 1_000
+    for start in range(0, n, 25):
+        bundle = [(TOPIC, payload(i), time.time(), i + 1, 1, 0, False) for i in range(start, start + 25)]
+        to_committer.send_bytes(pickle.dumps(bundle))
+    to_committer.send_bytes(pickle.dumps(DRAIN))
+    acked: list[int] = []
+    while (answer := pickle.loads(from_committer.recv_bytes())) != DONE:
+        assert isinstance(answer, CommitReport)
+        acked += [mid for mid, _, _ in answer.acks]
+    thread.join(30)
+
+    assert most == PIPELINE_DEPTH  # batches did overlap
+    assert acked == list(range(1, n + 1))
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT count(*) FROM message_receipts WHERE msg_id LIKE 'o-%'").fetchone()
+    assert row is not None and row[0] == n
