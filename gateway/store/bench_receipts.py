@@ -41,6 +41,8 @@ from eldercare.gateway.store.writer import BatchWriter, Received
 
 BATCH = 500
 HORIZON_DAYS = 30
+#: Days of receipts a store keeps: the window (horizon + 1) and today.
+KEPT_DAYS = HORIZON_DAYS + 2
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,6 +60,12 @@ def main(argv: list[str] | None = None) -> None:
         default="daily",
         help="daily: the store's partitions (0005); single: one table keyed (device_id, msg_id) as before",
     )
+    parser.add_argument(
+        "--days",
+        type=int,
+        default=KEPT_DAYS,
+        help=f"days up to today the rows are spread over (default {KEPT_DAYS}, all kept; 1: one busy day)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
     args = parser.parse_args(argv)
 
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"scratch databases {', '.join(names)}", flush=True)
     try:
         full, empty = (make_conninfo(args.admin_url, dbname=db) for db in names)
-        _run(full, empty, args.rows, args.devices, args.batches, args.layout)
+        _run(full, empty, args.rows, args.devices, args.batches, args.layout, args.days)
     finally:
         if not args.keep:
             with psycopg.connect(args.admin_url, autocommit=True) as admin:
@@ -80,17 +88,19 @@ def main(argv: list[str] | None = None) -> None:
             print(f"dropped {', '.join(names)}", flush=True)
 
 
-def _run(full: str, empty: str, rows: int, devices: int, batches: int, layout: str) -> None:
+def _run(full: str, empty: str, rows: int, devices: int, batches: int, layout: str, days: int) -> None:
     """Load ``full``; time batches on it and on ``empty`` in turn (same load on both); retention."""
     for url in (full, empty):
         _prepare(url, devices, layout)
     print(f"{devices:,} devices registered in both; load average {_load()}", flush=True)
     _devices_update(empty, devices, batches)
     today = datetime.now(UTC).date()
-    per_day = _load_receipts(full, rows, devices, today, layout)
+    per_day = _load_receipts(full, rows, devices, today, layout, days)
     bench = _Bench(devices, start_seq=rows // devices + 1)
-    bench.measure({"empty store": empty, f"{per_day * (HORIZON_DAYS + 2):,} receipts": full}, batches)
-    _retention(full, bench, today - timedelta(days=HORIZON_DAYS + 1), per_day, layout)
+    bench.measure({"empty store": empty, f"{per_day * days:,} receipts": full}, batches)
+    _retention(
+        full, bench, today - timedelta(days=HORIZON_DAYS + 1), per_day if days == KEPT_DAYS else 0, layout
+    )
 
 
 def _prepare(url: str, devices: int, layout: str) -> None:
@@ -240,9 +250,9 @@ def _report(label: str, latencies: list[float]) -> None:
     )
 
 
-def _load_receipts(url: str, rows: int, devices: int, today: date, layout: str) -> int:
-    """Fill the kept days up to today with ``rows`` receipts; return receipts per day."""
-    days = [today - timedelta(days=i) for i in range(HORIZON_DAYS + 1, -1, -1)]
+def _load_receipts(url: str, rows: int, devices: int, today: date, layout: str, days_loaded: int) -> int:
+    """Fill the last ``days_loaded`` days up to today with ``rows`` receipts; return receipts per day."""
+    days = [today - timedelta(days=i) for i in range(days_loaded - 1, -1, -1)]
     per_day = max(1, rows // len(days) // devices) * devices  # whole rounds of the fleet a day
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SET maintenance_work_mem = '1GB'")
@@ -273,8 +283,8 @@ def _load_receipts(url: str, rows: int, devices: int, today: date, layout: str) 
         conn.execute("CHECKPOINT")  # the load's dirty pages written now, not during the timing
         size = conn.execute(
             "SELECT pg_size_pretty(sum(pg_table_size(c.oid))), pg_size_pretty(sum(pg_indexes_size(c.oid)))"
-            " FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
-            " WHERE i.inhparent = 'message_receipts'::regclass"
+            " FROM pg_class c WHERE c.oid = 'message_receipts'::regclass OR c.oid IN"
+            " (SELECT inhrelid FROM pg_inherits WHERE inhparent = 'message_receipts'::regclass)"
         ).fetchone()
     assert size is not None
     print(
