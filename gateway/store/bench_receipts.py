@@ -144,7 +144,7 @@ def _devices_update(url: str, devices: int, batches: int) -> None:
             conn.execute(f"CREATE TABLE devices_ff{ff} (LIKE devices INCLUDING ALL) WITH (fillfactor = {ff})")
             conn.execute(f"INSERT INTO devices_ff{ff} SELECT * FROM devices")
             conn.execute(f"VACUUM ANALYZE devices_ff{ff}")
-        steps = {}
+        steps: dict[str, Callable[[], None]] = {}
         for table in ("devices", "devices_ff100", "devices_ff70"):
             statement = sql.SQL(_LAST_SEEN).format(sql.Identifier(table))
 
@@ -208,7 +208,7 @@ class _Bench:
 
                 def write_seen(conn: psycopg.Connection = conn, writer: BatchWriter = writer) -> None:
                     batch = self.batch()
-                    writer._last_seen_written.update({m.interp.source_id: m.received_at for m in batch})
+                    writer._last_seen_written.update({m.interp.source_id or "": m.received_at for m in batch})
                     writer.write(conn, batch)
 
                 kinds["claim"][label] = claim
