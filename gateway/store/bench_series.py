@@ -1,16 +1,18 @@
-"""Chart-query and rollup-refresh benchmark of the plain store at volume (prints figures).
+"""Chart-query and rollup-refresh benchmark of the store at volume (prints figures).
 
     python -m eldercare.gateway.store.bench_series --admin-url postgresql://postgres@127.0.0.1/postgres \\
-        --elders 95 --days 730
+        --elders 95 --days 730 [--flavour timescale] [--keep [DATABASE]]
 
-Makes a scratch database ``eldercare_bench_series_<random>``, migrates it as a plain store and
-loads ``elders x days x 1440`` per-minute heart-rate readings ending now with one
+Makes a scratch database ``eldercare_bench_series_<random>``, migrates it (plain by default)
+and loads ``elders x days x 1440`` per-minute heart-rate readings ending now with one
 ``INSERT .. SELECT generate_series`` (indexes dropped during the load and rebuilt after), fills
-the rollups, and writes one live reading per elder through the normal path, so the current
-hour is dirty as on a running store. Then it times the chart queries (24 h at 5 min, 7 d at
-1 h, 90 d at 1 d, for random elders) and the rollup refresh after a buffered upload: one
-elder's readings of 3-20 days ago, every 20 s, written as the ingest writer writes them.
-The database is dropped at the end unless ``--keep``.
+the rollups (TimescaleDB: a full refresh), and writes one live reading per elder through the
+normal path, so the current hour is dirty as on a running store. Then it times the chart
+queries (24 h at 5 min, 7 d at 1 h, 90 d at 1 d, for random elders); writes a buffered upload
+(one elder's readings of 3-20 days ago, every 20 s, as the ingest writer writes them); times
+that elder's charts before any refresh; and times the refresh. The database is dropped at the
+end unless ``--keep``; ``--keep DATABASE`` reuses a kept one (migrated first, not reloaded).
+See docs/benchmarks.md for figures.
 """
 
 from __future__ import annotations
