@@ -7,7 +7,8 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 
 import psycopg
@@ -323,3 +324,37 @@ def test_timescaledb_installed_but_not_preloaded_gives_a_plain_store_and_one_war
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "must be preloaded" in warnings[0].getMessage()
     assert _applied(unloaded_db)[1] == ("0002", "timeseries", "plain")
+
+
+def test_days_still_dirty_at_the_upgrade_become_marks_of_their_hours(fresh_db: str, tmp_path: Path) -> None:
+    """0004 replaces the day marks of 0002 by (elder, metric, hour) marks: nothing dirty is lost."""
+    packaged = Path(str(resources.files("eldercare.gateway.store").joinpath("migrations")))
+    older = tmp_path / "migrations"
+    older.mkdir()
+    for f in packaged.glob("000[12]_*.sql"):
+        (older / f.name).write_text(f.read_text())
+    migrate(fresh_db, source=older, flavour="plain")
+    day = datetime(2031, 5, 6, tzinfo=UTC)
+    with psycopg.connect(fresh_db) as conn:
+        conn.execute(
+            "INSERT INTO observations (time, device_id, elder_id, metric, value) VALUES"
+            " (%s, 'd1', 'e1', 'heart_rate', 60), (%s, 'd1', 'e1', 'heart_rate', 61),"
+            " (%s, 'd2', NULL, 'heart_rate', 62)",
+            (day + timedelta(hours=3, minutes=5), day + timedelta(hours=7), day + timedelta(hours=9)),
+        )
+        # A rollup bucket whose raw rows are gone (deleted after the last refresh).
+        conn.execute(
+            "INSERT INTO observations_1m VALUES (%s, 'e2', 'spo2', 90, 90, 90, 1)",
+            (day + timedelta(hours=11, minutes=1),),
+        )
+        conn.execute("INSERT INTO rollup_dirty (day) VALUES (%s)", (day.date(),))
+        conn.commit()
+    migrate(fresh_db)
+    with psycopg.connect(fresh_db) as conn:
+        marks = conn.execute("SELECT elder_id, metric, hour FROM rollup_dirty_hours ORDER BY 1, 3").fetchall()
+        assert marks == [
+            ("e1", "heart_rate", day + timedelta(hours=3)),
+            ("e1", "heart_rate", day + timedelta(hours=7)),
+            ("e2", "spo2", day + timedelta(hours=11)),
+        ]
+        assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone() == (0,)
