@@ -108,9 +108,14 @@ class Committer:
             dead_letter_budget=settings.dead_letter_budget_kib * 1024,
         )
         self.feed = RegistryFeed(settings.database_url)
-        # The writer's connections; the registry feed keeps its own (LISTEN needs one for good).
+        # The writer's connections, one per batch in flight, opened at start; the registry
+        # feed keeps its own (LISTEN needs one for good).
         self.pool = ConnectionPool(
-            settings.database_url, min_size=1, max_size=PIPELINE_DEPTH, open=False, name="ingest-writer"
+            settings.database_url,
+            min_size=PIPELINE_DEPTH,
+            max_size=PIPELINE_DEPTH,
+            open=False,
+            name="ingest-writer",
         )
         self._draining = False
         self._receiver_gone = threading.Event()
