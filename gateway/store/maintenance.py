@@ -31,7 +31,7 @@ import psycopg
 from psycopg import sql
 
 from eldercare.gateway.store import receipts
-from eldercare.gateway.store.migrate import store_flavour
+from eldercare.gateway.store.flavour import recorded_flavour
 from eldercare.gateway.store.timescale import AGGREGATES, resume_refresh_policies
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def run_maintenance(
             )
     _idle(conn)
     with conn.transaction():
-        flavour = store_flavour(conn)
+        flavour = recorded_flavour(conn)
     report = MaintenanceReport(flavour=flavour)
     if flavour == "plain":
         created, moved = create_partitions(

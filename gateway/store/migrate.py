@@ -20,16 +20,20 @@ from datetime import UTC, datetime
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
-from typing import Literal
 
 import psycopg
 
+from eldercare.gateway.store.flavour import (
+    FLAVOURS,
+    Flavour,
+    FlavourChoice,
+    UnknownFlavour,
+    has_store_info,
+    recorded_flavour,
+)
+
 log = logging.getLogger(__name__)
 
-Flavour = Literal["timescale", "plain"]
-FLAVOURS: tuple[Flavour, ...] = ("timescale", "plain")
-#: What ``ELDERCARE_STORE_FLAVOUR`` may say: a flavour, or ``auto`` (decide from the server).
-FlavourChoice = Literal["auto", "timescale", "plain"]
 
 #: pg_advisory_lock key held while migrating ("eldercar" in ASCII).
 MIGRATE_LOCK_KEY = 0x656C_6465_7263_6172
@@ -218,7 +222,7 @@ def migrate(
                 )
             log.info("migration applied", extra={"version": m.version, "migration": m.name})
             done.append(m.version)
-        if _stored_flavour(conn) is None and chosen is not None and _has_store_info(conn):
+        if _stored_flavour(conn) is None and chosen is not None and has_store_info(conn):
             conn.execute(
                 "INSERT INTO store_info (key, value) VALUES ('flavour', %s) ON CONFLICT (key) DO NOTHING",
                 (chosen,),
@@ -312,20 +316,11 @@ def _check_history(migrations: list[Migration], applied: dict[str, tuple[str | N
             )
 
 
-def _has_store_info(conn: psycopg.Connection) -> bool:
-    row = conn.execute("SELECT to_regclass('store_info') IS NOT NULL").fetchone()
-    return bool(row and row[0])
-
-
 def _stored_flavour(conn: psycopg.Connection) -> Flavour | None:
-    if not _has_store_info(conn):
-        return None
-    row = conn.execute("SELECT value FROM store_info WHERE key = 'flavour'").fetchone()
-    if row is None:
-        return None
-    if row[0] not in FLAVOURS:
-        raise MigrationError(f"store_info has an unknown flavour {row[0]!r}")
-    return row[0]
+    try:
+        return recorded_flavour(conn)
+    except UnknownFlavour as exc:
+        raise MigrationError(str(exc)) from None
 
 
 def probe_timescale(conninfo: str) -> TimescaleProbe:

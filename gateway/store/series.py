@@ -31,6 +31,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
+from eldercare.gateway.store.flavour import Flavour, arecorded_flavour, recorded_flavour
 from eldercare.gateway.store.maintenance import BUCKET_ORIGIN
 from eldercare.gateway.store.timescale import STALE_SPANS
 
@@ -50,6 +51,12 @@ _NAMED: dict[str, timedelta] = {"1m": timedelta(minutes=1), "1h": timedelta(hour
 _SNAPSHOT = sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
 _flavours: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _migrated(flavour: Flavour | None) -> Flavour:
+    if flavour is None:
+        raise RuntimeError("store_info has no flavour: is the store migrated?")
+    return flavour
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +140,7 @@ def bucketed_series(
         return []
     flavour = _flavours.get(conn)
     if flavour is None:
-        row = conn.execute("SELECT value FROM store_info WHERE key = 'flavour'").fetchone()
-        if row is None:
-            raise RuntimeError("store_info has no flavour: is the store migrated?")
-        flavour = _flavours[conn] = row[0]
+        flavour = _flavours[conn] = _migrated(recorded_flavour(conn))
     stale_sql, stale_params = stale_query(flavour, elder_id, metric, start, end)
     with _one_snapshot(conn):
         stale = conn.execute(stale_sql, stale_params).fetchall()
@@ -158,11 +162,7 @@ async def abucketed_series(
         return []
     flavour = _flavours.get(conn)
     if flavour is None:
-        cur = await conn.execute("SELECT value FROM store_info WHERE key = 'flavour'")
-        row = await cur.fetchone()
-        if row is None:
-            raise RuntimeError("store_info has no flavour: is the store migrated?")
-        flavour = _flavours[conn] = row[0]
+        flavour = _flavours[conn] = _migrated(await arecorded_flavour(conn))
     stale_sql, stale_params = stale_query(flavour, elder_id, metric, start, end)
     idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     async with conn.transaction():
