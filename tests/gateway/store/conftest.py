@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from eldercare.gateway.store.migrate import migrate
+from eldercare.gateway.store.migrate import migrate, probe_timescale
 
 TIMESCALE_ADMIN_URL = os.environ.get("ELDERCARE_TEST_TIMESCALE_URL", "")
 TIMESCALE_SKIP_REASON = (
@@ -65,9 +65,8 @@ def store_db(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     if not TIMESCALE_ADMIN_URL:
         pytest.skip(TIMESCALE_SKIP_REASON)
     with _database(TIMESCALE_ADMIN_URL) as url:
-        with psycopg.connect(url, autocommit=True) as conn:
-            row = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
-        if row is None:
-            pytest.skip(TIMESCALE_SKIP_REASON)
+        probe = probe_timescale(url)  # listed is not enough: it must be creatable (preloaded)
+        if not probe.creatable:
+            pytest.skip(f"{TIMESCALE_SKIP_REASON}: {probe.create_error or 'not installed'}")
         migrate(url, flavour="timescale")
         yield "timescale", url
