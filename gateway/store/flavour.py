@@ -22,6 +22,10 @@ class UnknownFlavour(RuntimeError):
     """``store_info`` names a flavour this release does not know."""
 
 
+class StoreNotMigrated(RuntimeError):
+    """The database has no recorded flavour: ``eldercare migrate`` has not run on it."""
+
+
 def has_store_info(conn: psycopg.Connection) -> bool:
     """True once the first migration has made ``store_info``."""
     row = conn.execute("SELECT to_regclass('store_info') IS NOT NULL").fetchone()

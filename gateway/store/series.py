@@ -21,7 +21,6 @@ a refresh, late data included.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from eldercare.gateway.store.flavour import Flavour, arecorded_flavour, recorded_flavour
+from eldercare.gateway.store.flavour import Flavour, StoreNotMigrated, arecorded_flavour, recorded_flavour
 from eldercare.gateway.store.maintenance import BUCKET_ORIGIN
 from eldercare.gateway.store.timescale import STALE_SPANS
 
@@ -50,12 +49,10 @@ _NAMED: dict[str, timedelta] = {"1m": timedelta(minutes=1), "1h": timedelta(hour
 
 _SNAPSHOT = sql.SQL("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
 
-_flavours: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-
 
 def _migrated(flavour: Flavour | None) -> Flavour:
     if flavour is None:
-        raise RuntimeError("store_info has no flavour: is the store migrated?")
+        raise StoreNotMigrated("store_info has no flavour: is the store migrated?")
     return flavour
 
 
@@ -133,14 +130,17 @@ def bucketed_series(
     start: datetime,
     end: datetime,
     bucket: BucketName | timedelta,
+    flavour: Flavour | None = None,
 ) -> list[Bucket]:
-    """The buckets of ``metric`` for ``elder_id`` over ``[start, end)``, oldest first."""
+    """The buckets of ``metric`` for ``elder_id`` over ``[start, end)``, oldest first.
+
+    ``flavour``: the store's (``Store.flavour``); without it, read from the store (one query).
+    """
     width = _check(start, end, bucket)
     if end <= start:
         return []
-    flavour = _flavours.get(conn)
     if flavour is None:
-        flavour = _flavours[conn] = _migrated(recorded_flavour(conn))
+        flavour = _migrated(recorded_flavour(conn))
     stale_sql, stale_params = stale_query(flavour, elder_id, metric, start, end)
     with _one_snapshot(conn):
         stale = conn.execute(stale_sql, stale_params).fetchall()
@@ -155,14 +155,14 @@ async def abucketed_series(
     start: datetime,
     end: datetime,
     bucket: BucketName | timedelta,
+    flavour: Flavour | None = None,
 ) -> list[Bucket]:
     """``bucketed_series`` on an async connection."""
     width = _check(start, end, bucket)
     if end <= start:
         return []
-    flavour = _flavours.get(conn)
     if flavour is None:
-        flavour = _flavours[conn] = _migrated(await arecorded_flavour(conn))
+        flavour = _migrated(await arecorded_flavour(conn))
     stale_sql, stale_params = stale_query(flavour, elder_id, metric, start, end)
     idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     async with conn.transaction():
