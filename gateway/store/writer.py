@@ -431,12 +431,7 @@ class BatchWriter:
                 copy.set_types(["timestamptz", "text", "text", "text", "float8", "text[]"])
                 for row in flagged:
                     copy.write_row(row)
-        if self.flavour == "plain":
-            days = sorted({t.date() for t in {r.time for r in readings}})
-            cur.execute(
-                "INSERT INTO rollup_dirty (day) SELECT unnest(%s::date[]) ON CONFLICT DO NOTHING",
-                (days,),
-            )
+        # The plain store's rollup marks come from a trigger on observations (migration 0004).
 
     def _count_rejections(self, cur: psycopg.Cursor, counts: Counter[tuple[str, date, str]]) -> None:
         ordered = sorted(counts)
