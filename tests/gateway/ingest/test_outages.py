@@ -80,6 +80,12 @@ class ClassicFlood:
         wait_for(lambda: self.acked >= self.n, timeout, f"PUBACKs for all {self.n} MQTT 3.1.1 messages")
 
 
+def assert_all_taken(links, timeout: float) -> None:
+    """Every link's every message got a success PUBACK (after any 0x10 and re-sends)."""
+    for link in links:
+        assert link.wait_all_taken(timeout), f"{link.device_id}: {link.outstanding} messages never taken"
+
+
 def connects(worker) -> int:
     return full_log(worker).count('"connected to the broker"') if worker.log_path.exists() else 0
 
@@ -123,8 +129,7 @@ def test_broker_restart_mid_flood_loses_nothing_the_broker_took(
         time.sleep(3.0)  # the devices are back and publishing; the gateway is not
         running = [ingest.worker(f"w{i}-again").start() for i in range(workers)]
     flood5.join(60)
-    for link in links:
-        assert link.wait_all_taken(60), f"{link.device_id}: {link.outstanding} messages never taken"
+    assert_all_taken(links, 60)
     flood3.wait_all_acked(60)
     assert sum(link.refused for link in links) == 0
     not_taken = sum(link.not_taken for link in links)
@@ -225,8 +230,7 @@ def test_database_outage_longer_than_the_keepalive_keeps_the_broker_connection(
         time.sleep(20.0)  # 4x the keepalive: a worker that stopped pinging has been dropped
         gate.open()
         publisher.join(60)
-        for link in links:
-            assert link.wait_all_taken(60), f"{link.device_id}: {link.outstanding} never taken"
+        assert_all_taken(links, 60)
         wait_for(lambda: stored(ingest.db_url) >= probes + n, 90, "every message stored after the outage")
         time.sleep(1.0)
         assert stored(ingest.db_url) == probes + n
@@ -283,8 +287,7 @@ def test_a_database_outage_with_a_standby_loses_nothing_and_ends_with_one_consum
         time.sleep(8.0)
         gate.open()
         publisher.join(60)
-        for link in links:
-            assert link.wait_all_taken(60), f"{link.device_id}: {link.outstanding} never taken"
+        assert_all_taken(links, 60)
         wait_for(lambda: stored(ingest.db_url) >= probes + n, 90, "every message stored after the outage")
         time.sleep(2.0)
         assert stored(ingest.db_url) == probes + n
@@ -296,8 +299,7 @@ def test_a_database_outage_with_a_standby_loses_nothing_and_ends_with_one_consum
         assert logs.count('"ingest lease held again"') + logs.count('"took over the ingest session"') == 1
         more = flood(links, 200, rate=200, tag="after")
         more.join(30)
-        for link in links:
-            assert link.wait_all_taken(30)
+        assert_all_taken(links, 30)
         wait_for(lambda: stored(ingest.db_url) >= probes + n + 200, 30, "the next messages stored")
         for worker in (holder, standby):
             assert worker.stop() == 0
