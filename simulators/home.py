@@ -57,7 +57,10 @@ class SimulatedHomes:
         self.published = 0
         self._stop = threading.Event()
         self._clients: dict[str, DeviceLink] = {}
-        self._seq = count(int(time.time()))
+        # msg_id = <device>-<run>-<n>: unique per device across runs too (a second demo run
+        # reusing the first one's numbers would have its messages dropped as duplicates).
+        self._run_tag = f"{time.time_ns() // 1_000_000:x}"
+        self._seq = count(1)
         self._thread = threading.Thread(target=self._run, name="simulated-homes", daemon=True)
 
     def start(self) -> SimulatedHomes:
@@ -101,8 +104,8 @@ class SimulatedHomes:
     def _message(self, device: DeviceInfo) -> tuple[str, bytes]:
         """(channel, payload) of the device's next message."""
         r = self.random
-        msg_id = f"{device.device_id}-{next(self._seq)}"
-        if r.random() < self.fault_share:
+        msg_id = f"{device.device_id}-{self._run_tag}-{next(self._seq)}"
+        if device.type != "hub" and r.random() < self.fault_share:  # a hub's faults: its own kind
             return self._fault(msg_id)
         if device.type == "wristband":
             if r.random() < 0.03:
