@@ -68,6 +68,8 @@ def test_demo_runs_on_embedded_services_and_a_second_run_reuses_the_data(tmp_pat
     assert not (data_dir / "demo.json").exists(), "the running-demo marker must go at exit"
     log = (data_dir / LOG_FILE).read_text()
     assert "ingest worker stopped" in log
+    # msg_ids are unique across runs: the second run's messages are not taken for redeliveries
+    assert re.search(r"ingest totals .*duplicates=0", log) and not re.search(r"duplicates=[1-9]", log)
     assert not re.search(r"^\{", log, re.MULTILINE), "one format in the log file: console lines"
 
 
