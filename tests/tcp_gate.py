@@ -12,6 +12,8 @@ import selectors
 import socket
 import threading
 
+from psycopg.conninfo import conninfo_to_dict
+
 
 class TcpGate:
     """Forwards 127.0.0.1:<port> to ``target`` (TCP, or a PostgreSQL socket folder); ``close()`` cuts."""
@@ -101,3 +103,16 @@ def _reset(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         sock.close()
+
+
+def gate_for(db_url: str) -> TcpGate:
+    """A gate in front of the PostgreSQL server ``db_url`` names."""
+    parts = conninfo_to_dict(db_url)
+    return TcpGate(str(parts.get("host") or "/var/run/postgresql"), int(parts.get("port") or 5432))
+
+
+def gated_db_url(db_url: str, gate: TcpGate) -> str:
+    """The same database, reached through the gate (a postgresql:// URL, as settings want)."""
+    parts = conninfo_to_dict(db_url)
+    user = parts.get("user") or "postgres"
+    return f"postgresql://{user}@127.0.0.1:{gate.port}/{parts['dbname']}"

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import psycopg
 import typer
@@ -44,6 +44,9 @@ from eldercare.gateway.bench.report import cpu_text, fmt_rate
 from eldercare.simulators.publisher import register_fleet
 
 VARIANT = "telemetry"
+
+#: What the reference writes into (see ``reference.LIKE_GATEWAY_INDEXES``).
+ReferenceStore = Literal["as-is", "like-gateway"]
 
 
 def load_average() -> str:
@@ -240,7 +243,11 @@ def print_table(console: Console, results: list[ProtocolResult]) -> None:
 
 
 def run_compare(
-    options: BenchOptions, reference: Path, protocols: tuple[Protocol, ...], console: Console
+    options: BenchOptions,
+    reference: Path,
+    protocols: tuple[Protocol, ...],
+    console: Console,
+    reference_store: ReferenceStore = "as-is",
 ) -> list[ProtocolResult]:
     """Run every protocol in turn on one broker and one database pair."""
     if not (reference / "worker.py").exists():
@@ -251,7 +258,9 @@ def run_compare(
     try:
         with bench_database(options.admin_url, options.keep) as (db_name, db_url):
             machine = machine_info(db_url)
-            ref_url = reference_database(options.admin_url, db_name, reference)
+            ref_url = reference_database(
+                options.admin_url, db_name, reference, like_gateway=reference_store == "like-gateway"
+            )
             try:
                 register_fleet(db_url, options.fleet(VARIANT))
                 broker = BenchBroker(workdir)
@@ -274,12 +283,21 @@ def run_compare(
         f"machine: {machine.get('cpus')} × {machine.get('cpu_model')}, PostgreSQL "
         f"{machine.get('postgresql', '?')} ({machine.get('store_flavour', '?')}), "
         f"{machine.get('mosquitto')}, "
-        f"code {machine.get('code')}; load average at start {machine.get('load_average')}, "
+        f"code {machine.get('code')}, reference store {reference_store}; "
+        f"load average at start {machine.get('load_average')}, "
         f"at end {load_average()}"
     )
     if options.json_path:
         Path(options.json_path).write_text(
-            json.dumps({"machine": machine, "results": [asdict(r) for r in results]}, indent=2, default=str)
+            json.dumps(
+                {
+                    "machine": machine,
+                    "reference_store": reference_store,
+                    "results": [asdict(r) for r in results],
+                },
+                indent=2,
+                default=str,
+            )
         )
     return results
 
@@ -307,6 +325,10 @@ def compare(
         str | None, typer.Option(help="py-spy the gateway worker's drain into PREFIX-*.txt.")
     ] = None,
     json_path: Annotated[str | None, typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    reference_store: Annotated[
+        ReferenceStore,
+        typer.Option(help="as-is: the reference's table without indexes; like-gateway: with the gateway's."),
+    ] = "as-is",
     admin_url: Annotated[str | None, typer.Option(help="PostgreSQL URL allowed to CREATE DATABASE.")] = None,
 ) -> None:
     """Gateway worker vs reference worker vs bare paho, both protocols, one sitting."""
@@ -330,7 +352,11 @@ def compare(
         profile_prefix=profile,
     )
     run_compare(
-        options, reference, tuple(chosen), Console(width=max(120, shutil.get_terminal_size().columns))
+        options,
+        reference,
+        tuple(chosen),
+        Console(width=max(120, shutil.get_terminal_size().columns)),
+        reference_store,
     )
 
 

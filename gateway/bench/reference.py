@@ -68,8 +68,17 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def reference_database(admin_url: str, bench_db: str, reference: Path) -> str:
-    """Create ``<bench_db>_ref`` with the reference's schema; its URL."""
+#: ``--reference-store like-gateway``: the reference's table given the indexes the gateway's
+#: observations keep for charts, rollups and rules (the bench's devices and elders are one to
+#: one, so device_id stands in for elder_id), to tell the store's cost from the worker's.
+LIKE_GATEWAY_INDEXES = (
+    "CREATE INDEX observations_device_metric_time_idx ON observations (device_id, metric, time)",
+    "CREATE INDEX observations_time_brin ON observations USING brin (time)",
+)
+
+
+def reference_database(admin_url: str, bench_db: str, reference: Path, like_gateway: bool = False) -> str:
+    """Create ``<bench_db>_ref`` with the reference's schema (plus the gateway's indexes); its URL."""
     name = f"{bench_db}_ref"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -77,6 +86,8 @@ def reference_database(admin_url: str, bench_db: str, reference: Path) -> str:
     url = database_url(admin_url, name)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute((reference / "schema.sql").read_text())
+        for statement in LIKE_GATEWAY_INDEXES if like_gateway else ():
+            conn.execute(statement)
     return url
 
 

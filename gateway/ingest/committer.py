@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import PoolTimeout
 
 from eldercare.alerts.ruleset import NoRules, RuleSet, load_rules
 from eldercare.devices.catalog import load_catalog
@@ -42,7 +42,9 @@ from eldercare.devices.interpret import Policy, interpret
 from eldercare.devices.records import NOT_ATTACHED_TO_HUB, UNKNOWN_DEVICE
 from eldercare.gateway.settings import Settings
 from eldercare.gateway.store.devices import RegistryFeed
+from eldercare.gateway.store.flavour import Flavour
 from eldercare.gateway.store.migrate import store_flavour as recorded_flavour
+from eldercare.gateway.store.store import Store
 from eldercare.gateway.store.writer import BatchResult, BatchWriter, Received
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ class CommitReport:
     failures: int = 0
 
 
-def store_flavour(conninfo: str) -> str:
+def store_flavour(conninfo: str) -> Flavour:
     """'timescale' or 'plain', as recorded by the migrations; raise if not migrated."""
     with psycopg.connect(conninfo) as conn:
         flavour = recorded_flavour(conn)
@@ -94,7 +96,7 @@ class Committer:
         outbound: Connection,
         rules: RuleSet | None = None,
         clock: Callable[[], float] = time.time,
-        flavour: str | None = None,
+        flavour: Flavour | None = None,
     ) -> None:
         self.settings = settings
         self.inbound = inbound
@@ -102,21 +104,21 @@ class Committer:
         self.clock = clock
         self.policy = Policy(catalog=load_catalog(), horizon_s=settings.buffer_horizon_days * 86_400.0)
         self.queue: queue.SimpleQueue[Received | None] = queue.SimpleQueue()
-        self.writer = BatchWriter(
+        # The writer's connections, one per batch in flight, opened at start; the registry
+        # feed keeps its own (LISTEN needs one for good).
+        self.store = Store.known(
+            settings.database_url,
             flavour or store_flavour(settings.database_url),
+            min_size=PIPELINE_DEPTH,
+            max_size=PIPELINE_DEPTH,
+            name="ingest-writer",
+        )
+        self.writer = BatchWriter(
+            self.store.flavour,
             rules or NoRules(),
             dead_letter_budget=settings.dead_letter_budget_kib * 1024,
         )
         self.feed = RegistryFeed(settings.database_url)
-        # The writer's connections, one per batch in flight, opened at start; the registry
-        # feed keeps its own (LISTEN needs one for good).
-        self.pool = ConnectionPool(
-            settings.database_url,
-            min_size=PIPELINE_DEPTH,
-            max_size=PIPELINE_DEPTH,
-            open=False,
-            name="ingest-writer",
-        )
         self._draining = False
         self._receiver_gone = threading.Event()
         self._totals = BatchResult()
@@ -135,7 +137,6 @@ class Committer:
     def run(self) -> None:
         """Commit until the receiver says DRAIN (then answer DONE) or goes away."""
         self.feed.start()
-        self.pool.open(wait=False)
         threading.Thread(target=self._read, name="committer-inbound", daemon=True).start()
         log.info("committer started", extra={"flavour": self.writer.flavour})
         last_stats = time.monotonic()
@@ -154,7 +155,7 @@ class Committer:
         finally:
             self._writers.shutdown(wait=True)
             self.feed.stop()
-            self.pool.close()
+            self.store.close()
             self._log_stats()
 
     # ---- inbound: bundles from the receiver, interpreted here ---------------------------
@@ -283,7 +284,7 @@ class Committer:
         while True:
             started = time.perf_counter()
             try:
-                with self.pool.connection(timeout=10.0) as conn:
+                with self.store.connection(timeout=10.0) as conn:
                     self._recheck_unknown(conn, batch)
                     result = self.writer.write(conn, batch)
                 break
@@ -373,7 +374,7 @@ class Committer:
 
 
 def committer_main(
-    settings_values: dict[str, Any], inbound: Connection, outbound: Connection, flavour: str | None = None
+    settings_values: dict[str, Any], inbound: Connection, outbound: Connection, flavour: Flavour | None = None
 ) -> None:
     """Entry point of the committer process (spawned by the receiver)."""
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with the receiver, no orphan

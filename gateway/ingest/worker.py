@@ -56,6 +56,7 @@ from eldercare.gateway.ingest import metrics
 from eldercare.gateway.ingest.committer import DONE, DRAIN, CommitReport, Wire, committer_main, store_flavour
 from eldercare.gateway.ingest.lease import IngestLease
 from eldercare.gateway.settings import Settings
+from eldercare.gateway.store.flavour import Flavour
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def database_target(conninfo: str) -> str:
     return f"{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
 
 
-def wait_for_store(conninfo: str, stopping: threading.Event) -> str | None:
+def wait_for_store(conninfo: str, stopping: threading.Event) -> Flavour | None:
     """The store's flavour once the database answers; None if ``stopping`` came first.
 
     A database that is down is waited for, with one log line (an operator starting the
@@ -166,7 +167,7 @@ class IngestWorker:
         self.clock = clock
         load_rules(settings.rules)  # fail early if the rule set cannot be loaded
         self.client_id = default_client_id(settings)
-        self.flavour: str | None = None
+        self.flavour: Flavour | None = None
         self._stopping = threading.Event()
         self.session: IngestSession | None = None
 

@@ -53,6 +53,19 @@ class Store:
             raise
         return cls(conninfo, flavour, pool)
 
+    @classmethod
+    def known(
+        cls, conninfo: str, flavour: Flavour, *, min_size: int = 1, max_size: int = 4, name: str = "store"
+    ) -> Store:
+        """A store whose flavour the caller has read already; the pool connects in the background.
+
+        For long-running roles that start before the database answers: ``connection`` then
+        waits (up to its timeout) instead of ``open`` failing.
+        """
+        pool = ConnectionPool(conninfo, min_size=min_size, max_size=max_size, open=False, name=name)
+        pool.open(wait=False)
+        return cls(conninfo, flavour, pool)
+
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[psycopg.Connection]:
         """A pooled connection (a transaction is committed when the block ends without error)."""

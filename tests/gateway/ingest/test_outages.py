@@ -11,12 +11,11 @@ import time
 
 import orjson
 import pytest
-from psycopg.conninfo import conninfo_to_dict
 
 from tests.gateway.ingest.conftest import IngestSetup
 from tests.gateway.ingest.processes import Publisher, scalar
 from tests.gateway.ingest.test_worker_e2e import assert_each_message_once, needs_mosquitto_guarantees
-from tests.tcp_gate import TcpGate
+from tests.tcp_gate import gate_for, gated_db_url
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.slow
@@ -185,18 +184,6 @@ def test_a_standby_takes_over_the_session_when_the_holder_is_killed(ingest: Inge
     assert_each_message_once(ingest.db_url, n, probes)
     assert "took over the ingest session" in full_log(standby)
     assert standby.stop() == 0
-
-
-def gated_db_url(db_url: str, gate: TcpGate) -> str:
-    """The same database, reached through the gate (a postgresql:// URL, as settings want)."""
-    parts = conninfo_to_dict(db_url)
-    user = parts.get("user") or "postgres"
-    return f"postgresql://{user}@127.0.0.1:{gate.port}/{parts['dbname']}"
-
-
-def gate_for(db_url: str) -> TcpGate:
-    parts = conninfo_to_dict(db_url)
-    return TcpGate(str(parts.get("host") or "/var/run/postgresql"), int(parts.get("port") or 5432))
 
 
 @pytest.mark.parametrize(

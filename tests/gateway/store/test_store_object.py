@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -10,6 +11,7 @@ from eldercare.gateway.store.flavour import StoreNotMigrated
 from eldercare.gateway.store.maintenance import run_maintenance
 from eldercare.gateway.store.series import Bucket, bucketed_series
 from eldercare.gateway.store.store import Store
+from tests.tcp_gate import gate_for, gated_db_url
 
 DAY0 = datetime(2031, 3, 3, tzinfo=UTC)
 
@@ -34,3 +36,19 @@ def test_a_migrated_store_knows_its_flavour_and_answers_series(store_db: tuple[s
 def test_a_database_never_migrated_is_one_clear_error(fresh_db: str) -> None:
     with pytest.raises(StoreNotMigrated, match="eldercare migrate"):
         Store.open(fresh_db)
+
+
+def test_a_store_of_known_flavour_waits_for_a_database_that_comes_up(store_db: tuple[str, str]) -> None:
+    flavour, url = store_db
+    gate = gate_for(url)
+    gate.close()  # the database is "down" when the role starts: no error yet
+    store = Store.known(gated_db_url(url, gate), flavour, name="test-known")
+    try:
+        time.sleep(0.3)  # the pool tries, and fails, meanwhile
+        gate.open()
+        with store.connection(timeout=10) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert store.flavour == flavour
+    finally:
+        store.close()
+        gate.stop()
