@@ -193,7 +193,8 @@ def test_a_plan_round_trips_through_its_data() -> None:
 def test_care_plan_files_toml_and_json(tmp_path: Path) -> None:
     toml_file = tmp_path / "plan.toml"
     toml_file.write_text(
-        'conditions = ["copd"]\nlives_alone = true\n[overrides.spo2_low]\nany = ["spo2 < 88"]\nwindow = "10m"\n',
+        'conditions = ["copd"]\nlives_alone = true\n'
+        '[overrides.spo2_low]\nany = ["spo2 < 88"]\nwindow = "10m"\n',
         encoding="utf-8",
     )
     from_toml = load_care_plan(toml_file)
@@ -203,7 +204,7 @@ def test_care_plan_files_toml_and_json(tmp_path: Path) -> None:
     assert [str(c) for c in threshold(effective_rules(RULES, from_toml), "spo2_low").any] == ["spo2 < 88"]
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]", encoding="utf-8")
-    with pytest.raises(CarePlanError, match="bad.json: a care plan is an object"):
+    with pytest.raises(CarePlanError, match=r"bad\.json: a care plan is an object"):
         load_care_plan(bad)
     with pytest.raises(CarePlanError, match="cannot parse"):
         load_care_plan(_write(tmp_path / "x.toml", "conditions = ["))
