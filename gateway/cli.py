@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from eldercare.gateway.bench.options import BenchOptions, Protocol
+from eldercare.gateway.care_commands import elders_app, rules_app
 from eldercare.gateway.settings import SETTINGS_HELP, Settings, SettingsError, load_settings
 
 console = Console(stderr=True, soft_wrap=True)
@@ -34,6 +35,8 @@ devices_app = typer.Typer(help="Register, list and disable devices.", no_args_is
 bench_app = typer.Typer(help="Benchmarks that print figures (not tests).", no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 app.add_typer(bench_app, name="bench")
+app.add_typer(rules_app, name="rules", epilog=EPILOG)
+app.add_typer(elders_app, name="elders", epilog=EPILOG)
 #: The documented benchmark's figures, for the help of ``bench ingest``.
 BENCH_DEFAULTS = BenchOptions()
 

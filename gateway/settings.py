@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -44,6 +45,8 @@ Settings (environment variables, or a .env file in the working folder):
   ELDERCARE_DATA_DIR            where embedded services keep their data (default ./.eldercare)
   ELDERCARE_RULES               module:factory of the rule set run in each batch's transaction
                                 (default eldercare.alerts.ruleset:NoRules)
+  ELDERCARE_RULES_FILE          a deployment's own rule file (TOML, the shape of
+                                alerts/default_rules.toml; empty: the packaged default)
 """
 
 
@@ -74,6 +77,7 @@ class Settings(BaseSettings):
     retention_dead_letters_days: int = Field(90, ge=1)
     data_dir: str = ".eldercare"
     rules: str = "eldercare.alerts.ruleset:NoRules"
+    rules_file: Path | None = None
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -93,6 +97,11 @@ class Settings(BaseSettings):
         if value:
             MqttTarget(value)
         return value
+
+    @field_validator("rules_file", mode="before")
+    @classmethod
+    def _no_file(cls, value: object) -> object:
+        return None if value == "" else value
 
     @cached_property
     def mqtt(self) -> MqttTarget:
