@@ -6,9 +6,13 @@
     runner.stop()
 
 A handler is called as ``handler(cur, timer, now)`` inside the transaction that claimed the
-timer, in a savepoint of its own. Its writes commit together with the timer's ``fired_at``;
-if it raises, its writes are rolled back to the savepoint, the failure is recorded on the
-timer (one more attempt, the error, no retry before a backoff) and the timer stays pending.
+timer, in a savepoint of its own, with the timer already marked fired (so it may schedule
+the same (kind, key) again: the next retry). Its writes commit together with the timer's
+``fired_at``; if it raises, its writes and the mark are rolled back to the savepoint, the
+failure is recorded on the timer (one more attempt, the error, no retry before a backoff)
+and the timer stays pending. A savepoint rather than a second transaction: the failure is
+recorded while this runner still holds the row, so no other runner can take the timer again
+before its backoff, and the batch's other timers are not rolled back with it.
 A handler only writes through ``cur`` (an alert, an outbox row); anything that leaves the
 database (an HTTP call) belongs behind an outbox, since a runner that dies after such a
 call but before its commit leaves the timer to be fired again by another runner.
@@ -218,7 +222,10 @@ class TimerRunner:
             claimed = store.claim_due(cur, now, self.batch, self._kinds)
             for timer in claimed:
                 try:
-                    with conn.transaction():  # a savepoint: a failed handler's writes go alone
+                    # A savepoint: a failed handler's writes, and the mark, go alone. Marked
+                    # first, so a handler may schedule its own (kind, key) again (a retry).
+                    with conn.transaction():
+                        store.mark_fired(cur, [timer.id], now)
                         self.handlers[timer.kind](cur, timer, now)
                 except Exception as exc:
                     if conn.broken:
@@ -229,7 +236,6 @@ class TimerRunner:
                     failed.append((timer, exc, delay))
                 else:
                     fired.append(timer)
-            store.mark_fired(cur, [t.id for t in fired], now)
         self._log_batch(now, fired, failed)
         return len(claimed), now
 

@@ -7,8 +7,8 @@ caller's cursor, so a rule can schedule or cancel a timer in the transaction tha
 event causing it: a fall and its 60 s timer commit together or not at all.
 
 Firing (``eldercare.alerts.timers.TimerRunner``): ``claim_due`` locks due rows with
-``FOR UPDATE SKIP LOCKED``, the handler writes through the same transaction, ``mark_fired``
-marks them; one commit. A runner that dies mid-handler releases its row locks with its
+``FOR UPDATE SKIP LOCKED``, ``mark_fired`` marks each one and its handler writes through the
+same transaction; one commit. A runner that dies mid-handler releases its row locks with its
 connection, and the next runner claims the rows again: nothing is lost, nothing commits twice.
 A ``cancel`` racing a firing waits for the row lock and then finds the timer fired (False).
 

@@ -317,6 +317,36 @@ def test_a_failing_handler_is_retried_with_its_writes_rolled_back(
     assert not any("private detail" in r.getMessage() + str(vars(r)) for r in caplog.records)
 
 
+def test_a_handler_may_schedule_its_own_kind_and_key_again(
+    run_runner: Callable[..., TimerRunner], fired_db: str
+) -> None:
+    """A dispatch retry re-arms itself from its handler: each firing leaves the next one pending."""
+    record = recording_handler("r1")
+
+    def retry(cur: psycopg.Cursor[Any], timer: Timer, now: datetime) -> None:
+        record(cur, timer, now)
+        tries = timer.payload["try"]
+        if tries < 3:
+            timers.schedule(
+                cur,
+                timer.kind,
+                timer.key,
+                now + timedelta(seconds=0.1),
+                {"try": tries + 1},
+                if_pending="keep",
+            )
+
+    run_runner("r1", handlers={KIND: retry})
+    schedule_many(fired_db, [soon(0.1)], {"t-0": {"try": 1}})
+    wait_for(lambda: fired_count(fired_db) == 3, 5, "three tries")
+    never(lambda: fired_count(fired_db) > 3, 0.3, "a fourth try")
+    assert rows(fired_db, "SELECT payload->>'try', fired_at IS NOT NULL FROM timers ORDER BY id") == [
+        ("1", True),
+        ("2", True),
+        ("3", True),
+    ]
+
+
 def test_a_kind_without_a_handler_stays_pending_and_is_logged_once(
     run_runner: Callable[..., TimerRunner], fired_db: str, caplog: pytest.LogCaptureFixture
 ) -> None:
