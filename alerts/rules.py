@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import time, timedelta
 from enum import StrEnum
@@ -127,12 +127,55 @@ def _positive(value: timedelta) -> timedelta:
     return value
 
 
-def _freeze_map(value: Mapping[_K, _V]) -> Mapping[_K, _V]:
-    return MappingProxyType(dict(value))
+class FrozenDict(Mapping[_K, _V]):
+    """A read-only, hashable mapping (so frozen models holding one are hashable too)."""
+
+    __slots__ = ("_data", "_hash")
+
+    def __init__(self, data: Mapping[_K, _V] | None = None) -> None:
+        self._data: dict[_K, _V] = dict(data or {})
+        self._hash: int | None = None
+
+    def __getitem__(self, key: _K) -> _V:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[_K]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        if self._hash is None:
+            self._hash = hash(frozenset(self._data.items()))
+        return self._hash
+
+    def __repr__(self) -> str:
+        return f"FrozenDict({self._data!r})"
+
+
+def freeze(value: Any) -> Any:
+    """``value`` made immutable all the way down: mappings as FrozenDict, lists as tuples."""
+    if isinstance(value, Mapping):
+        return FrozenDict({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(freeze(v) for v in value)
+    if isinstance(value, set | frozenset):
+        return frozenset(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any) -> Any:
+    """The plain data of a frozen value: FrozenDicts as dicts, tuples as lists (models kept)."""
+    if isinstance(value, FrozenDict):
+        return {k: thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(v) for v in value]
+    return value
 
 
 def _empty_map() -> Mapping[Any, Any]:
-    return MappingProxyType({})
+    return FrozenDict()
 
 
 #: A duration written as ``"60s"``/``"2m"``/``"4h"``/``"7d"``, zero allowed.
@@ -145,10 +188,8 @@ PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 #: A set of names, written as a list and shown sorted.
 Names = Annotated[frozenset[Name], PlainSerializer(sorted, return_type=list[str])]
-#: A read-only mapping (dict in, dict out).
-FrozenMap = Annotated[
-    Mapping[_K, _V], AfterValidator(_freeze_map), WrapSerializer(lambda v, nxt: nxt(dict(v)))
-]
+#: A read-only, hashable mapping (dict in, dict out), its values frozen all the way down.
+FrozenMap = Annotated[Mapping[_K, _V], AfterValidator(freeze), WrapSerializer(lambda v, nxt: nxt(thaw(v)))]
 
 
 class Severity(StrEnum):

@@ -36,6 +36,7 @@ from eldercare.alerts.rules import (
     ThresholdRule,
     format_duration,
     load_rule_set,
+    thaw,
 )
 
 if TYPE_CHECKING:
@@ -422,7 +423,7 @@ def elders_show(
     typer.echo(f"lives alone: {'yes' if plan.lives_alone else 'no'}")
     typer.echo(f"SpO2 scale: {plan.spo2_scale or 'by conditions'}")
     for rule_id, fields in sorted(plan.overrides.items()):
-        typer.echo(f"override {rule_id}: {json.dumps(dict(fields), ensure_ascii=False)}")
+        typer.echo(f"override {rule_id}: {json.dumps(thaw(fields), ensure_ascii=False)}")
     typer.echo(f"disabled: {', '.join(sorted(plan.disabled)) or 'none'}")
     typer.echo(f"updated {updated} by {row.updated_by}")
 

@@ -186,7 +186,9 @@ def test_a_plan_round_trips_through_its_data() -> None:
     )
     data = care_plan.as_data()
     assert data["conditions"] == ["copd", "hypertension"]
-    assert parse_care_plan(json.loads(json.dumps(data))) == care_plan
+    again = parse_care_plan(json.loads(json.dumps(data)))
+    assert again == care_plan and hash(again) == hash(care_plan)
+    assert len({care_plan, again, CarePlan()}) == 2  # hashable: effective rules can be cached per plan
     assert care_plan.facts == {"copd", "hypertension", "lives_alone"}
 
 
