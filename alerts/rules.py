@@ -204,20 +204,25 @@ class Severity(StrEnum):
         """0 for follow_up, 1 for urgent, 2 for emergency."""
         return _SEVERITY_RANK[self]
 
+    # Compared by rank, also with plain strings ("urgent" < "emergency" is not alphabetical).
     def __lt__(self, other: object) -> bool:
-        return self.rank < other.rank if isinstance(other, Severity) else NotImplemented
+        return self.rank < _rank(other) if isinstance(other, str) else NotImplemented
 
     def __le__(self, other: object) -> bool:
-        return self.rank <= other.rank if isinstance(other, Severity) else NotImplemented
+        return self.rank <= _rank(other) if isinstance(other, str) else NotImplemented
 
     def __gt__(self, other: object) -> bool:
-        return self.rank > other.rank if isinstance(other, Severity) else NotImplemented
+        return self.rank > _rank(other) if isinstance(other, str) else NotImplemented
 
     def __ge__(self, other: object) -> bool:
-        return self.rank >= other.rank if isinstance(other, Severity) else NotImplemented
+        return self.rank >= _rank(other) if isinstance(other, str) else NotImplemented
 
 
 _SEVERITY_RANK = {s: i for i, s in enumerate(Severity)}
+
+
+def _rank(severity: str) -> int:
+    return _SEVERITY_RANK[Severity(severity)]
 
 
 class FrozenModel(BaseModel):

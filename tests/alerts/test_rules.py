@@ -279,6 +279,9 @@ def test_severity_is_ordered() -> None:
     assert max(Severity.urgent, Severity.emergency, Severity.follow_up) == Severity.emergency
     assert sorted(["emergency", "follow_up", "urgent"], key=Severity) == ["follow_up", "urgent", "emergency"]
     assert Severity("urgent") >= Severity.urgent and not Severity.urgent > Severity.emergency
+    assert Severity.urgent < "emergency" and Severity.emergency > "follow_up"  # by rank, not alphabet
+    with pytest.raises(ValueError):
+        assert Severity.urgent < "critical"
 
 
 @pytest.mark.parametrize(
