@@ -168,8 +168,8 @@ def test_a_cancelled_timer_never_fires(run_runner: Callable[..., TimerRunner], f
 
 def test_the_injected_clock_is_the_runners_now(run_runner: Callable[..., TimerRunner], fired_db: str) -> None:
     ahead = 3600.0
-    run_runner("r1", clock=lambda: time.time() + ahead)
     schedule_many(fired_db, [soon(1800)])  # due in half an hour: due now by the runner's clock
+    run_runner("r1", clock=lambda: time.time() + ahead)
     wait_for(lambda: fired_count(fired_db) == 1, 5, "the timer to fire by the runner's clock")
     [(fired_at,)] = rows(fired_db, "SELECT fired_at FROM timers")
     assert abs((fired_at - soon(ahead)).total_seconds()) < 5
