@@ -41,6 +41,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from eldercare.gateway.store import timers as store
 from eldercare.gateway.store.timers import Timer
@@ -182,9 +183,14 @@ class TimerRunner:
             "keepalives_idle": 10,
             "keepalives_interval": 5,
             "keepalives_count": 3,
-            "options": "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
-            # A handler hung for this long loses its transaction, and so its timers, to another runner.
-            f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S}s",
+            "options": " ".join(
+                (
+                    str(conninfo_to_dict(self.conninfo).get("options") or ""),
+                    "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3",
+                    # A handler hung this long loses its transaction, and its timers, to another runner.
+                    f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S}s",
+                )
+            ).strip(),
         }
         self._listen = psycopg.connect(self.conninfo, **options)
         self._listen.execute(f"LISTEN {store.CHANNEL}")
@@ -253,7 +259,8 @@ class TimerRunner:
                         self._wake_r.recv(64)
                     return
                 # Readable: announcements, or the server going away (then this raises).
-                if any(n.payload in self.handlers for n in self._listen.notifies(timeout=0)):
+                kinds = {n.payload for n in self._listen.notifies(timeout=0)}
+                if not kinds.isdisjoint(self.handlers):
                     return
 
     # --- reporting ----------------------------------------------------------------------
