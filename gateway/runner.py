@@ -82,6 +82,16 @@ def run_roles(settings: Settings, roles: set[str], stop: threading.Event, retire
             coalesce=True,
         )
         scheduler.start()
+    timers = None
+    if "ingest" in roles and settings.rules == "default":
+        # The rules' waiting windows (a fall without recovery in 60 s) fire here, in every
+        # ingest worker, the standing-by ones too: whichever is alive claims a due timer.
+        from eldercare.alerts.rules import load_rule_set
+        from eldercare.alerts.timers import TimerRunner
+        from eldercare.gateway.ingest.alerting import RuleTimers
+
+        rule_timers = RuleTimers(load_rule_set(settings.rules_file))
+        timers = TimerRunner(settings.database_url, rule_timers.handlers(), name="rules").start()
     try:
         if "ingest" in roles:
             from eldercare.gateway.ingest.worker import IngestWorker
@@ -99,4 +109,6 @@ def run_roles(settings: Settings, roles: set[str], stop: threading.Event, retire
     finally:
         if scheduler is not None:
             scheduler.shutdown(wait=False)
+        if timers is not None:
+            timers.stop()
         jobs.close()

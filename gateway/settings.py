@@ -43,8 +43,8 @@ Settings (environment variables, or a .env file in the working folder):
   ELDERCARE_RETENTION_OBSERVATIONS_DAYS   (default 730)
   ELDERCARE_RETENTION_DEAD_LETTERS_DAYS   (default 90)
   ELDERCARE_DATA_DIR            where embedded services keep their data (default ./.eldercare)
-  ELDERCARE_RULES               module:factory of the rule set run in each batch's transaction
-                                (default eldercare.alerts.ruleset:NoRules)
+  ELDERCARE_RULES               default (the rules engine, decisions in each batch's
+                                transaction), off (store only) or module:factory of a batch step
   ELDERCARE_RULES_FILE          a deployment's own rule file (TOML, the shape of
                                 alerts/default_rules.toml; empty: the packaged default)
 """
@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     retention_observations_days: int = Field(730, ge=1)
     retention_dead_letters_days: int = Field(90, ge=1)
     data_dir: str = ".eldercare"
-    rules: str = "eldercare.alerts.ruleset:NoRules"
+    rules: str = "default"
     rules_file: Path | None = None
 
     @field_validator("log_level", mode="before")

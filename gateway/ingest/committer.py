@@ -11,7 +11,7 @@ Two batches may be in the database at once, each on its own connection: while Po
 works on one, this process builds the next (on a loaded machine that is up to 1.5x the
 rate of one at a time). Reports still leave in batch order, so acknowledgements stay in
 arrival order and a batch is never acked before an earlier one commits. Only plain batches
-overlap (unflagged readings only: no rejection, status or event, and a rule set that allows
+overlap (unflagged readings only: no rejection, status or event, and a batch step that allows
 it): any other batch waits until every earlier batch is reported,
 so per-device budgets, status order and the rules see batches one at a time as before.
 """
@@ -36,16 +36,16 @@ from typing import Any
 import psycopg
 from psycopg_pool import PoolTimeout
 
-from eldercare.alerts.ruleset import NoRules, RuleSet, load_rules
 from eldercare.devices.catalog import load_catalog
 from eldercare.devices.interpret import Policy, interpret
 from eldercare.devices.records import NOT_ATTACHED_TO_HUB, UNKNOWN_DEVICE
+from eldercare.gateway.ingest.alerting import batch_step
 from eldercare.gateway.settings import Settings
 from eldercare.gateway.store.devices import RegistryFeed
 from eldercare.gateway.store.flavour import Flavour
 from eldercare.gateway.store.migrate import store_flavour as recorded_flavour
 from eldercare.gateway.store.store import Store
-from eldercare.gateway.store.writer import BatchResult, BatchWriter, Received
+from eldercare.gateway.store.writer import BatchResult, BatchStep, BatchWriter, Received
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Committer:
         settings: Settings,
         inbound: Connection,
         outbound: Connection,
-        rules: RuleSet | None = None,
+        step: BatchStep | None = None,
         clock: Callable[[], float] = time.time,
         flavour: Flavour | None = None,
     ) -> None:
@@ -115,17 +115,15 @@ class Committer:
         )
         self.writer = BatchWriter(
             self.store.flavour,
-            rules or NoRules(),
+            step,
             dead_letter_budget=settings.dead_letter_budget_kib * 1024,
         )
         self.feed = RegistryFeed(settings.database_url)
         self._draining = False
         self._receiver_gone = threading.Event()
         self._totals = BatchResult()
-        # A rule set keeping state between batches must see them one at a time.
-        self._overlap = getattr(
-            self.writer.rules, "concurrent_batches", isinstance(self.writer.rules, NoRules)
-        )
+        # A step keeping state between batches must see them one at a time.
+        self._overlap = getattr(step, "concurrent_batches", step is None)
         self._writers = ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="committer-write")
         self._slots = threading.Semaphore(PIPELINE_DEPTH)
         self._turn = threading.Condition()  # guards the three below and the outbound pipe
@@ -388,4 +386,4 @@ def committer_main(
 
     settings = Settings(**settings_values)
     configure_logging(settings.log_level, settings.log_format)
-    Committer(settings, inbound, outbound, rules=load_rules(settings.rules), flavour=flavour).run()
+    Committer(settings, inbound, outbound, step=batch_step(settings), flavour=flavour).run()

@@ -60,6 +60,12 @@ LAG_SECONDS = Histogram(
     ),
 )
 QUEUE_DEPTH = Gauge("eldercare_ingest_queue_depth", "Received messages not yet committed")
+DECISIONS = Counter(
+    "eldercare_rules_decisions",
+    "Decisions of the rules written: alerts opened, evidence added, upgraded, cleared, superseded,"
+    " suppressed (by reason), timers scheduled and cancelled, tasks created",
+    ["decision"],
+)
 BATCH_FAILURES = Counter("eldercare_ingest_batch_failures", "Batches whose transaction failed")
 
 

@@ -50,9 +50,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from psycopg.conninfo import conninfo_to_dict
 
-from eldercare.alerts.ruleset import load_rules
 from eldercare.devices.topics import SUBSCRIPTIONS
 from eldercare.gateway.ingest import metrics
+from eldercare.gateway.ingest.alerting import batch_step
 from eldercare.gateway.ingest.committer import DONE, DRAIN, CommitReport, Wire, committer_main, store_flavour
 from eldercare.gateway.ingest.lease import IngestLease
 from eldercare.gateway.settings import Settings
@@ -165,7 +165,7 @@ class IngestWorker:
         self.settings = settings
         self.retire = retire
         self.clock = clock
-        load_rules(settings.rules)  # fail early if the rule set cannot be loaded
+        batch_step(settings)  # fail early if the rules cannot be loaded
         self.client_id = default_client_id(settings)
         self.flavour: Flavour | None = None
         self._stopping = threading.Event()
@@ -396,6 +396,8 @@ class IngestSession:
         metrics.CLOCK_SKEW.inc(result.skewed)
         for reason, n in result.rejected.items():
             metrics.DEAD_LETTERS.labels(reason).inc(n)
+        for decision, n in result.decisions.items():
+            metrics.DECISIONS.labels(decision).inc(n)
         metrics.BATCH_FAILURES.inc(report.failures)
         metrics.BATCH_SIZE.observe(result.messages)
         metrics.COMMIT_SECONDS.observe(report.commit_seconds)

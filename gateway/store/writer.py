@@ -1,8 +1,9 @@
 """The batch writer: one transaction per batch of interpreted MQTT messages.
 
 Given messages in arrival order, it deduplicates on (publisher, msg_id), COPYs readings,
-events and dead letters, updates device status, counts rejections per device, lets the rule
-set write its decisions, and commits. The caller acknowledges the messages only after
+events and dead letters, updates device status, counts rejections per device, runs the
+batch step (the worker wires the rules there: their decisions commit with the data that
+caused them), and commits. The caller acknowledges the messages only after
 ``write`` returns. A batch the database refuses for a data reason is split so one bad
 message can never poison the others: the bad one becomes a dead letter on its own.
 
@@ -29,22 +30,24 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from typing import Any, Protocol
 
 import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 
-from eldercare.alerts.ruleset import NoRules, RuleBatch, RuleSet
 from eldercare.devices.records import (
     CLOCK_SKEW,
     DUPLICATE,
     NOT_ATTACHED_TO_HUB,
     SCHEMA,
     UNKNOWN_DEVICE,
+    DeviceEvent,
     Interpretation,
+    Reading,
     Rejection,
 )
 from eldercare.gateway.store.receipts import receipt_day
@@ -76,6 +79,29 @@ DETAIL_DEVICES = 3
 _HUB_FAULTS = frozenset({UNKNOWN_DEVICE, NOT_ATTACHED_TO_HUB})
 
 
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    """What a batch stored that decisions may follow from, in the batch's transaction.
+
+    Readings and events flagged ``clock_skew`` are left out (they never feed rules);
+    out-of-range readings never get this far. ``late`` ones are included, flagged.
+    Duplicates (redeliveries) are not in it: a message is decided on once.
+    """
+
+    readings: Sequence[Reading]
+    events: Sequence[DeviceEvent]
+
+
+class BatchStep(Protocol):
+    """Work done in each batch's transaction once its data is written (the rules, wired by the
+    worker: the writer never imports them). What it writes commits or rolls back with the
+    batch; if it raises, the batch is split to isolate the message behind it. It may return
+    counts of what it decided, for metrics. ``concurrent_batches`` (optional attribute, default
+    False): the step is safe with two batches in their transactions at once."""
+
+    def __call__(self, cur: psycopg.Cursor[Any], stored: StoredBatch) -> Mapping[str, int] | None: ...
+
+
 @dataclass(slots=True)
 class Received:
     """One MQTT message as the worker holds it until its batch commits."""
@@ -100,6 +126,8 @@ class BatchResult:
     events: int = 0
     duplicates: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    #: What the batch step decided, by kind (alerts opened, timers scheduled ...).
+    decisions: Counter[str] = field(default_factory=Counter)
     skewed: int = 0
     isolated_failures: int = 0
     repeated: int = 0  # readings a message repeated (same device, metric, time), not stored
@@ -112,6 +140,7 @@ class BatchResult:
         self.events += other.events
         self.duplicates += other.duplicates
         self.rejected.update(other.rejected)
+        self.decisions.update(other.decisions)
         self.skewed += other.skewed
         self.isolated_failures += other.isolated_failures
         self.repeated += other.repeated
@@ -174,12 +203,12 @@ class BatchWriter:
     def __init__(
         self,
         flavour: str,
-        rules: RuleSet | None = None,
+        step: BatchStep | None = None,
         dead_letter_budget: int = DEAD_LETTER_BUDGET_BYTES,
         dead_letter_window_s: float = DEAD_LETTER_WINDOW_S,
     ) -> None:
         self.flavour = flavour
-        self.rules = rules or NoRules()
+        self.step = step
         self.dead_letter_budget = dead_letter_budget
         self.dead_letter_window_s = dead_letter_window_s
         self._last_seen_written: dict[str, float] = {}
@@ -310,7 +339,10 @@ class BatchWriter:
             if counts:
                 self._count_rejections(cur, counts)
             self._update_devices(cur, seen, statuses)
-            self.rules.apply(cur, RuleBatch(rule_readings, rule_events, datetime.now(UTC)))
+            if self.step is not None:
+                decided = self.step(cur, StoredBatch(rule_readings, rule_events))
+                if decided:
+                    result.decisions.update(decided)
         self._spend(spent)  # committed: the bytes are on disk
         return result
 

@@ -1,16 +1,20 @@
-"""A rule set for tests, loaded by name (ELDERCARE_RULES) into a real worker's committer."""
+"""A batch step for tests, loaded by name (ELDERCARE_RULES) into a real worker's committer."""
 
 from __future__ import annotations
 
 import psycopg
 
-from eldercare.alerts.ruleset import RuleBatch
+from eldercare.gateway.settings import Settings
+from eldercare.gateway.store.writer import StoredBatch
 
 
 class RecordingRules:
     """Writes one decision row per reading; a heart rate of exactly 222 makes it fail."""
 
-    def apply(self, cur: psycopg.Cursor, batch: RuleBatch) -> None:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings
+
+    def __call__(self, cur: psycopg.Cursor, batch: StoredBatch) -> None:
         for r in batch.readings:
             cur.execute(
                 "INSERT INTO test_decisions (device_id, metric, value) VALUES (%s, %s, %s)",

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 
-from eldercare.alerts.ruleset import RuleBatch
 from eldercare.devices.records import (
     CLOCK_SKEW,
     OUT_OF_RANGE,
@@ -20,7 +19,7 @@ from eldercare.devices.records import (
     StatusUpdate,
 )
 from eldercare.gateway.store.devices import add_device
-from eldercare.gateway.store.writer import INTERNAL_ERROR, OVER_BUDGET, BatchWriter, Received
+from eldercare.gateway.store.writer import INTERNAL_ERROR, OVER_BUDGET, BatchWriter, Received, StoredBatch
 
 NOW = 1_790_000_000.0  # 2026-09-21, a fixed receive time
 T = datetime.fromtimestamp(NOW, UTC)
@@ -192,7 +191,7 @@ class ConnectionLostOnce:
     def __init__(self) -> None:
         self.calls = 0
 
-    def apply(self, cur: psycopg.Cursor, batch: RuleBatch) -> None:
+    def __call__(self, cur: psycopg.Cursor, batch: StoredBatch) -> None:
         self.calls += 1
         if self.calls == 1:
             raise psycopg.OperationalError("connection lost")
@@ -251,9 +250,9 @@ class RecordingRules:
 
     def __init__(self, fail_on_value: float | None = None) -> None:
         self.fail_on_value = fail_on_value
-        self.seen: list[RuleBatch] = []
+        self.seen: list[StoredBatch] = []
 
-    def apply(self, cur: psycopg.Cursor, batch: RuleBatch) -> None:
+    def __call__(self, cur: psycopg.Cursor, batch: StoredBatch) -> None:
         self.seen.append(batch)
         for r in batch.readings:
             cur.execute(
