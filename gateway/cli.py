@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from eldercare.gateway.alert_commands import alerts_app, tasks_app
 from eldercare.gateway.bench.options import BenchOptions, Protocol
 from eldercare.gateway.care_commands import elders_app, rules_app
 from eldercare.gateway.settings import SETTINGS_HELP, Settings, SettingsError, load_settings
@@ -37,6 +38,8 @@ app.add_typer(devices_app, name="devices")
 app.add_typer(bench_app, name="bench")
 app.add_typer(rules_app, name="rules", epilog=EPILOG)
 app.add_typer(elders_app, name="elders", epilog=EPILOG)
+app.add_typer(alerts_app, name="alerts", epilog=EPILOG)
+app.add_typer(tasks_app, name="tasks", epilog=EPILOG)
 #: The documented benchmark's figures, for the help of ``bench ingest``.
 BENCH_DEFAULTS = BenchOptions()
 
