@@ -58,6 +58,9 @@ class CarePlan(FrozenModel):
     lives_alone: bool = False
     #: NEWS2 SpO2 scale; None: as the rule set says for the plan's conditions (2 for COPD).
     spo2_scale: Literal[1, 2] | None = None
+    #: On supplemental oxygen (home oxygen therapy): NEWS2 scores it (and SpO2 scale 2 on oxygen).
+    #: None: not known, scored as air and reported as assumed.
+    on_oxygen: bool | None = None
     #: Rule id -> fields replaced for this elder, e.g. {"spo2_low": {"any": ["spo2 < 88"]}}.
     overrides: FrozenMap[Name, FrozenMap[str, Any]] = Field(default_factory=dict, validate_default=True)
     #: Rules switched off for this elder.

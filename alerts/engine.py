@@ -40,9 +40,6 @@ from eldercare.devices.records import LATE, DeviceEvent, Reading
 
 #: The NEWS2 parameters measured by devices (consciousness and oxygen are not, yet).
 NEWS2_METRICS = ("respiration_rate", "spo2", "systolic_bp", "heart_rate", "body_temperature")
-#: How far back ``after`` looks for the event that must have come first (a fall before a
-#: recovery). rules.md gives no time; an hour covers a fall and the getting up after it.
-AFTER_LOOKBACK = timedelta(hours=1)
 #: Readings kept in an alert's evidence: the run that raised it, newest last.
 EVIDENCE_POINTS = 20
 
@@ -199,8 +196,8 @@ def _news2_scores(ctx: ElderContext, r: Reading) -> bool:
 
     On the hot path: a table lookup, not a NEWS2 computation.
     """
-    if "news2" in ctx.alerts.active:
-        return True
+    if "news2" in ctx.alerts.active or ctx.plan.on_oxygen:
+        return True  # on oxygen, every reading may count (the oxygen itself scores 2)
     quiet = _NEWS2_QUIET[ctx.plan.spo2_scale_under(ctx.rules)][r.metric]
     value = r.value
     return not any(low <= value <= high for low, high in quiet)
@@ -213,7 +210,7 @@ def _scan_event(out: Scan, ctx: ElderContext, ev: DeviceEvent) -> None:
         if ev.kind in rule.on:
             if rule.after:
                 for kind in rule.after:
-                    out.need_events(ctx.elder_id, kind, ev.time - AFTER_LOOKBACK, ev.time)
+                    out.need_events(ctx.elder_id, kind, ev.time - rule.after_within, ev.time)
             if rule.unless and rule.within is not None:
                 for kind in rule.unless:
                     out.need_events(ctx.elder_id, kind, ev.time, ev.time + rule.within)
@@ -348,7 +345,11 @@ def _news2_step(
             if last is not None:
                 latest[metric] = last
         observations = news2.observations_from_latest(
-            latest, at, max_age=rule.max_age, spo2_scale=ctx.plan.spo2_scale_under(ctx.rules)
+            latest,
+            at,
+            max_age=rule.max_age,
+            spo2_scale=ctx.plan.spo2_scale_under(ctx.rules),
+            supplemental_oxygen=ctx.plan.on_oxygen,
         )
         result = news2.score(observations)
         level = news2.severity(
@@ -397,7 +398,7 @@ def _event_step(
             if rule.after and not any(
                 t <= ev.time
                 for t in history.event_times(ctx.elder_id, rule.after)
-                if t >= ev.time - AFTER_LOOKBACK
+                if t >= ev.time - rule.after_within
             ):
                 continue
             evidence = _event_evidence(ev, local)

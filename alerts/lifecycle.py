@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from uuid import UUID, uuid4
 
 from eldercare.alerts.decisions import (
@@ -34,11 +34,6 @@ from eldercare.alerts.decisions import (
     UpgradeAlert,
 )
 from eldercare.alerts.rules import RuleSet, Severity, ThresholdRule
-
-#: A follow-up alert whose rule names no task gets one due this long after it is raised.
-DEFAULT_FOLLOW_UP_DUE = timedelta(days=7)
-#: Who a follow-up task goes to when the rule does not say.
-DEFAULT_ASSIGNEE = "family_doctor"
 
 
 @dataclass(slots=True)
@@ -165,5 +160,6 @@ def _task(rules: RuleSet, match: Match, severity: Severity, now: datetime) -> Ta
     if task is not None:
         return TaskOrder(task.kind, task.assignee, now + task.due)
     if severity is Severity.follow_up:
-        return TaskOrder(match.rule_id, DEFAULT_ASSIGNEE, now + DEFAULT_FOLLOW_UP_DUE)
+        defaults = rules.defaults
+        return TaskOrder(match.rule_id, defaults.follow_up_assignee, now + defaults.follow_up_due)
     return None

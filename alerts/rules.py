@@ -418,6 +418,10 @@ class Defaults(FrozenModel):
     late_after: PositiveDuration = timedelta(minutes=10)
     #: A late alert of this severity is routed as ...
     late_emergency_as: Severity = Severity.urgent
+    #: A follow-up alert whose rule names no task gets one due this long after it is raised.
+    follow_up_due: PositiveDuration = timedelta(days=7)
+    #: ... assigned to this team.
+    follow_up_assignee: Name = "family_doctor"
     #: The route of each severity, for rules that name none.
     severity_routes: FrozenMap[Severity, Name]
 
@@ -615,6 +619,8 @@ class EventRule(_Rule):
     within: PositiveDuration | None = None
     #: Raise only when one of these came before (``fall_recovered`` after ``fall_detected``).
     after: EventKinds = frozenset()
+    #: How far back ``after`` looks (rules.md gives no time; an hour covers a fall and getting up).
+    after_within: PositiveDuration = timedelta(hours=1)
     #: Only events at these local hours count.
     during: TimeWindow | None = None
     levels: tuple[EventLevel, ...] = ()
