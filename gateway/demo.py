@@ -187,6 +187,10 @@ def _counts(db_url: str) -> dict[str, Any]:
             "SELECT metric, round(avg(value)::numeric, 1), count(*) FROM observations"
             " WHERE time > now() - interval '1 minute' GROUP BY metric ORDER BY metric"
         ).fetchall()
+        alerts = conn.execute(
+            "SELECT rule, severity, state, count(*), sum(matches) FROM alerts"
+            " GROUP BY rule, severity, state ORDER BY max(raised_at) DESC LIMIT 8"
+        ).fetchall()
     assert row is not None
     return {
         "observations": row[0],
@@ -196,6 +200,7 @@ def _counts(db_url: str) -> dict[str, Any]:
         "devices": row[4],
         "reasons": reasons,
         "latest": latest,
+        "alerts": alerts,
     }
 
 
@@ -212,7 +217,10 @@ def _view(where: Table, counts: dict[str, Any], published: int) -> Group:
     latest = Table("metric", "avg", "readings", title="last minute")
     for metric, avg, n in counts["latest"]:
         latest.add_row(metric, str(avg), str(n))
-    return Group(where, totals, rejects, latest)
+    alerts = Table("rule", "severity", "state", "alerts", "matches", title="alerts (eldercare alerts list)")
+    for rule, severity, state, n, matches in counts["alerts"]:
+        alerts.add_row(rule, severity, state, str(n), str(matches))
+    return Group(where, totals, rejects, latest, alerts)
 
 
 def run_demo(
@@ -226,6 +234,7 @@ def run_demo(
         )
         raise SystemExit(1)
     from eldercare.gateway.embedded import EmbeddedPostgres
+    from eldercare.gateway.ingest.alerting import start_rule_timers
     from eldercare.gateway.ingest.worker import IngestWorker
     from eldercare.gateway.services import find_broker
     from eldercare.gateway.store.maintenance import run_maintenance
@@ -292,6 +301,9 @@ def run_demo(
             from eldercare.gateway.ingest.metrics import serve_metrics
 
             serve_metrics(metrics_port)
+        timers = start_rule_timers(worker_settings)
+        if timers is not None:
+            stack.callback(timers.stop)
         worker = IngestWorker(worker_settings)
         worker_thread = threading.Thread(
             target=_ingest_thread_target, args=(worker,), name="ingest", daemon=True
@@ -316,7 +328,7 @@ def run_demo(
         where.add_row("MQTT broker", f"mqtt://{broker.host}:{broker.port}  ({logins})")
         where.add_row("metrics", f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else "off")
         where.add_row("logs", str(log_file))
-        where.add_row("try", "eldercare dead-letters · eldercare devices list  (in another terminal)")
+        where.add_row("try", "eldercare alerts list · dead-letters · devices list  (another terminal)")
         where.add_row("stop", "Ctrl-C")
         deadline = time.monotonic() + duration if duration else None
         with contextlib.suppress(KeyboardInterrupt), Live(console=console, refresh_per_second=2) as live:

@@ -83,15 +83,10 @@ def run_roles(settings: Settings, roles: set[str], stop: threading.Event, retire
         )
         scheduler.start()
     timers = None
-    if "ingest" in roles and settings.rules == "default":
-        # The rules' waiting windows (a fall without recovery in 60 s) fire here, in every
-        # ingest worker, the standing-by ones too: whichever is alive claims a due timer.
-        from eldercare.alerts.rules import load_rule_set
-        from eldercare.alerts.timers import TimerRunner
-        from eldercare.gateway.ingest.alerting import RuleTimers
+    if "ingest" in roles:
+        from eldercare.gateway.ingest.alerting import start_rule_timers
 
-        rule_timers = RuleTimers(load_rule_set(settings.rules_file))
-        timers = TimerRunner(settings.database_url, rule_timers.handlers(), name="rules").start()
+        timers = start_rule_timers(settings)
     try:
         if "ingest" in roles:
             from eldercare.gateway.ingest.worker import IngestWorker

@@ -30,6 +30,7 @@ from eldercare.alerts.decisions import timer_kind
 from eldercare.alerts.engine import ElderContext
 from eldercare.alerts.lifecycle import ElderAlerts
 from eldercare.alerts.rules import EventRule, RuleSet, load_rule_set
+from eldercare.alerts.timers import TimerRunner
 from eldercare.gateway.ingest import metrics
 from eldercare.gateway.settings import Settings
 from eldercare.gateway.store import alerts as store
@@ -202,6 +203,18 @@ def _log(done: store.Persisted) -> None:
     """A log line per alert raised or upgraded (alerts are rare; readings never log)."""
     for alert_id, rule, severity in done.opened:
         log.info("alert raised", extra={"alert_id": str(alert_id), "rule": rule, "severity": severity})
+
+
+def start_rule_timers(settings: Settings) -> TimerRunner | None:
+    """Fire the rules' waiting windows (a fall without recovery in 60 s) in this process.
+
+    Every ingest worker runs one, standing-by ones too: whichever is alive claims a due
+    timer. None when the rules are not the default engine.
+    """
+    if settings.rules != "default":
+        return None
+    timers = RuleTimers(load_rule_set(settings.rules_file))
+    return TimerRunner(settings.database_url, timers.handlers(), name="rules").start()
 
 
 def batch_step(settings: Settings) -> BatchStep | None:
