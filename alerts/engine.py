@@ -44,14 +44,66 @@ NEWS2_METRICS = ("respiration_rate", "spo2", "systolic_bp", "heart_rate", "body_
 EVIDENCE_POINTS = 20
 
 
+#: Per metric, the values no rule reacts to: (low, low included, high, high included).
+QuietBands = Mapping[str, tuple[float, bool, float, bool]]
+
+
 @dataclass(frozen=True, slots=True)
 class ElderContext:
-    """One elder as the rules see them: effective rules, care plan, alerts."""
+    """One elder as the rules see them: effective rules, care plan, alerts.
+
+    ``quiet`` (``quiet_bands(rules, plan)``) lets the scan pass over an ordinary reading with
+    two comparisons; compute it once per plan, not per batch.
+    """
 
     elder_id: str
     rules: RuleSet
     plan: CarePlan
     alerts: ElderAlerts
+    quiet: QuietBands
+
+
+def quiet_bands(rules: RuleSet, plan: CarePlan) -> dict[str, tuple[float, bool, float, bool]]:
+    """Per metric, the band of values that breach no threshold rule and score 0 in NEWS2.
+
+    A reading inside it concerns no rule unless the elder has an active alert (which it
+    might clear). Metrics no rule reads are absent (the scan looks at them in full, which
+    finds nothing).
+    """
+    inf = float("inf")
+    bands: dict[str, list[Any]] = {}
+
+    def narrow(metric: str, low: float, low_in: bool, high: float, high_in: bool) -> None:
+        band = bands.setdefault(metric, [-inf, True, inf, True])
+        if low > band[0] or (low == band[0] and not low_in):
+            band[0], band[1] = low, low_in
+        if high < band[2] or (high == band[2] and not high_in):
+            band[2], band[3] = high, high_in
+
+    for rule in rules.thresholds:
+        for c in (*rule.any, *(c for level in rule.levels for c in level.any)):
+            match c.op:
+                case "<":
+                    narrow(c.metric, c.value, True, inf, True)
+                case "<=":
+                    narrow(c.metric, c.value, False, inf, True)
+                case ">":
+                    narrow(c.metric, -inf, True, c.value, True)
+                case _:
+                    narrow(c.metric, -inf, True, c.value, False)
+    if rules.news2 is not None and not plan.on_oxygen:
+        for metric, zero in _NEWS2_QUIET[plan.spo2_scale_under(rules)].items():
+            low, high = min(b[0] for b in zero), max(b[1] for b in zero)  # the zero bands touch
+            narrow(metric, low, True, high, True)
+    elif rules.news2 is not None:  # on oxygen every NEWS2 reading may count
+        for metric in NEWS2_METRICS:
+            narrow(metric, inf, False, -inf, False)
+    return {m: (b[0], b[1], b[2], b[3]) for m, b in bands.items()}
+
+
+def _is_quiet(band: tuple[float, bool, float, bool], value: float) -> bool:
+    low, low_in, high, high_in = band
+    return (value > low or (low_in and value == low)) and (value < high or (high_in and value == high))
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +195,11 @@ def scan(
 
 
 def _scan_reading(out: Scan, ctx: ElderContext, r: Reading) -> None:
+    band = ctx.quiet.get(r.metric)
+    if band is None:
+        return  # no rule reads this metric (steps, room temperature ...)
+    if not ctx.alerts.active and _is_quiet(band, r.value):
+        return  # the common case: an ordinary reading, nothing open that it could clear
     rules = ctx.rules
     wanted = False
     for rule in rules.thresholds_for(r.metric):

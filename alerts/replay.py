@@ -160,7 +160,7 @@ class Replay:
                     if previous is None or previous[0] < a.closed_at:
                         alerts.resolved[a.rule] = (a.closed_at, a.severity)
             plan = self.plans.get(elder_id, CarePlan())
-            out[elder_id] = ElderContext(elder_id, rules, plan, alerts)
+            out[elder_id] = ElderContext(elder_id, rules, plan, alerts, engine.quiet_bands(rules, plan))
         return out
 
     def _history(self, series: Sequence[Lookup], events: Sequence[Lookup]) -> History:

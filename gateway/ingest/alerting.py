@@ -45,6 +45,10 @@ class _Cached:
     updated_at: datetime | None
     plan: CarePlan
     rules: RuleSet
+    quiet: engine.QuietBands
+    #: The elder's context for the scan while they have no active alert (the scan only reads
+    #: it), kept instead of built for every batch.
+    idle: ElderContext | None = None
 
 
 @dataclass(slots=True)
@@ -57,14 +61,15 @@ class ElderRules:
     """
 
     rule_set: RuleSet
-    _by_plan: dict[CarePlan, RuleSet] = field(default_factory=dict)
+    _by_plan: dict[CarePlan, tuple[RuleSet, engine.QuietBands]] = field(default_factory=dict)
     _by_elder: dict[str, _Cached] = field(default_factory=dict)
     _warned: set[str] = field(default_factory=set)
 
-    def for_plan(self, plan: CarePlan, elder_id: str = "") -> RuleSet:
-        """The rules for a plan (cached); the plain rule set if the plan does not fit it."""
-        rules = self._by_plan.get(plan)
-        if rules is None:
+    def for_plan(self, plan: CarePlan, elder_id: str = "") -> tuple[RuleSet, engine.QuietBands]:
+        """The rules for a plan and their quiet bands (cached); the plain rule set if the plan
+        does not fit it."""
+        known = self._by_plan.get(plan)
+        if known is None:
             try:
                 rules = effective_rules(self.rule_set, plan, source=f"care plan of {elder_id}")
             except CarePlanError as exc:
@@ -75,15 +80,14 @@ class ElderRules:
                         extra={"elder_id": elder_id, "problems": [str(p) for p in exc.problems]},
                     )
                 rules = effective_rules(self.rule_set, CarePlan(timezone=plan.timezone))
-            self._by_plan[plan] = rules
-        return rules
+            known = self._by_plan[plan] = (rules, engine.quiet_bands(rules, plan))
+        return known
 
-    def load(self, cur: psycopg.Cursor[Any], elder_ids: Collection[str]) -> dict[str, _Cached]:
-        """The elders' plans and rules, reading a plan again only when it changed."""
-        cur.execute(
-            "SELECT elder_id, updated_at FROM care_plans WHERE elder_id = ANY(%s)", (list(elder_ids),)
-        )
-        stamps: dict[str, datetime] = dict(cur.fetchall())
+    def load(
+        self, cur: psycopg.Cursor[Any], elder_ids: Collection[str], stamps: Mapping[str, datetime]
+    ) -> dict[str, _Cached]:
+        """The elders' plans and rules, reading a plan again only when its stamp (when it was
+        last set, from ``store.elders_at_a_glance``) changed."""
         known = self._by_elder
         changed = [e for e, at in stamps.items() if e not in known or known[e].updated_at != at]
         if changed:
@@ -92,13 +96,13 @@ class ElderRules:
             )
             for elder_id, data, updated_at in cur.fetchall():
                 plan = self._parse(elder_id, data)
-                self._by_elder[elder_id] = _Cached(updated_at, plan, self.for_plan(plan, elder_id))
+                self._by_elder[elder_id] = _Cached(updated_at, plan, *self.for_plan(plan, elder_id))
         out = {}
         for elder_id in elder_ids:
             cached = self._by_elder.get(elder_id)
             if elder_id not in stamps and (cached is None or cached.updated_at is not None):
                 plan = CarePlan()  # no plan (or no longer one): the defaults
-                cached = self._by_elder[elder_id] = _Cached(None, plan, self.for_plan(plan))
+                cached = self._by_elder[elder_id] = _Cached(None, plan, *self.for_plan(plan))
             if cached is not None:
                 out[elder_id] = cached
         return out
@@ -123,15 +127,33 @@ def _contexts(
     active: Mapping[str, Mapping[str, Any]],
     resolved: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, ElderContext]:
+    """Contexts to decide with: the elders' alerts as just read (their own, mutable state)."""
     return {
         elder_id: ElderContext(
             elder_id,
             c.rules,
             c.plan,
             ElderAlerts(dict(active.get(elder_id, {})), dict((resolved or {}).get(elder_id, {}))),
+            c.quiet,
         )
         for elder_id, c in cached.items()
     }
+
+
+def _scan_contexts(
+    cached: Mapping[str, _Cached], active: Mapping[str, Mapping[str, Any]]
+) -> dict[str, ElderContext]:
+    """Contexts to scan with: those of elders without an active alert are reused batch to batch."""
+    out = {}
+    for elder_id, c in cached.items():
+        alerts = active.get(elder_id)
+        if alerts:
+            out[elder_id] = ElderContext(elder_id, c.rules, c.plan, ElderAlerts(dict(alerts)), c.quiet)
+            continue
+        if c.idle is None:
+            c.idle = ElderContext(elder_id, c.rules, c.plan, ElderAlerts(), c.quiet)
+        out[elder_id] = c.idle
+    return out
 
 
 class AlertingStep:
@@ -150,8 +172,9 @@ class AlertingStep:
         elder_ids.update(e.elder_id for e in stored.events if e.elder_id)
         if not elder_ids:
             return None
-        cached = self.elders.load(cur, elder_ids)
-        contexts = _contexts(cached, store.active_alerts(cur, elder_ids))
+        stamps, alerted = store.elders_at_a_glance(cur, elder_ids)
+        cached = self.elders.load(cur, elder_ids, stamps)
+        contexts = _scan_contexts(cached, store.active_alerts(cur, alerted) if alerted else {})
         found = engine.scan(stored.readings, stored.events, contexts)
         if not found:
             return None
@@ -187,7 +210,8 @@ class RuleTimers:
         """The waiting window ran out: decide and persist in the timer's transaction."""
         elder_id = str(timer.payload["elder_id"])
         store.lock_elders(cur, [elder_id])
-        cached = self.elders.load(cur, [elder_id])
+        stamps, _ = store.elders_at_a_glance(cur, [elder_id])
+        cached = self.elders.load(cur, [elder_id], stamps)
         active = store.active_alerts(cur, [elder_id])
         resolved = store.recently_resolved(cur, [elder_id], now - self._cooldown)
         contexts = _contexts(cached, active, resolved)

@@ -72,6 +72,36 @@ def lock_elders(cur: psycopg.Cursor[Any], elder_ids: Collection[str]) -> None:
         )
 
 
+def _id_list(ids: Collection[str]) -> str | list[str]:
+    """Ids as one newline-joined text (cheap to send; split by ``string_to_array``), or as a
+    list when an id could contain the separator."""
+    return list(ids) if any("\n" in i for i in ids) else "\n".join(ids)
+
+
+def elders_at_a_glance(
+    cur: psycopg.Cursor[Any], elder_ids: Collection[str]
+) -> tuple[dict[str, datetime], set[str]]:
+    """Per batch, in one round trip: when each elder's care plan last changed (elders with a
+    plan only) and which elders have an active alert."""
+    ids = _id_list(elder_ids)
+    match = "= ANY(string_to_array(%s, E'\\n'))" if isinstance(ids, str) else "= ANY(%s)"
+    cur.execute(
+        f"SELECT elder_id, updated_at FROM care_plans WHERE elder_id {match}"
+        " UNION ALL"
+        " SELECT DISTINCT elder_id, NULL::timestamptz FROM alerts"
+        f" WHERE elder_id {match} AND state = ANY(%s)",
+        (ids, ids, _ACTIVE),
+    )
+    plans: dict[str, datetime] = {}
+    alerted: set[str] = set()
+    for elder_id, updated_at in cur:
+        if updated_at is None:
+            alerted.add(elder_id)
+        else:
+            plans[elder_id] = updated_at
+    return plans, alerted
+
+
 def active_alerts(cur: psycopg.Cursor[Any], elder_ids: Collection[str]) -> dict[str, dict[str, ActiveAlert]]:
     """The elders' active alerts, by elder and rule."""
     out: dict[str, dict[str, ActiveAlert]] = defaultdict(dict)
