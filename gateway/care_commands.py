@@ -5,8 +5,10 @@ from __future__ import annotations
 import getpass
 import json
 import tomllib
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
+from zoneinfo import ZoneInfo
 
 import typer
 from rich.console import Console
@@ -426,6 +428,66 @@ def elders_show(
         typer.echo(f"override {rule_id}: {json.dumps(thaw(fields), ensure_ascii=False)}")
     typer.echo(f"disabled: {', '.join(sorted(plan.disabled)) or 'none'}")
     typer.echo(f"updated {updated} by {row.updated_by}")
+
+
+def checkup_time(text: str | None, zone: ZoneInfo, now: datetime) -> datetime:
+    """``--at`` of ``elders checkup``: a date (its midnight in the elder's zone), an ISO date and
+    time (in the elder's zone unless it says its own), or None for now; never in the future."""
+    if text is None:
+        return now
+    try:
+        at = (
+            datetime.combine(date.fromisoformat(text), time(), tzinfo=zone)
+            if len(text.strip()) == 10
+            else datetime.fromisoformat(text)
+        )
+    except ValueError:
+        raise ValueError(
+            f"--at {text!r}: write a date (2024-06-01) or a date and time (2024-06-01T09:30)"
+        ) from None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=zone)
+    if at > now:
+        raise ValueError(f"--at {text!r} is in the future")
+    return at
+
+
+@elders_app.command("checkup")
+def elders_checkup(
+    elder_id: str,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DATE",
+            help="when the check-up was: a date (in the elder's time zone) or an ISO date and time;"
+            " default now",
+        ),
+    ] = None,
+    by: Annotated[str | None, typer.Option("--by", help="who records it (default cli:<user>)")] = None,
+) -> None:
+    """Record a health check-up: a task to inform the elder of the results, due in 30 days."""
+    from eldercare.gateway.jobs import UnknownElder, record_checkup
+    from eldercare.gateway.store.elders import get_care_plan
+
+    now = datetime.now(UTC)
+    rule_set = _rule_set(None)
+    with _connect() as conn:
+        zone = (get_care_plan(conn, elder_id) or CarePlan()).zone
+        try:
+            when = checkup_time(at, zone, now)
+            done = record_checkup(conn, rule_set, elder_id, when, _updated_by(by), now)
+        except ValueError as exc:
+            raise fail(str(exc), 2) from None
+        except UnknownElder:
+            raise fail(f"no elder {elder_id} (register it with `eldercare elders add`)") from None
+    day = f"{when.astimezone(zone):%Y-%m-%d %H:%M}"
+    if done.checkup_id is None:
+        typer.echo(f"the check-up of {elder_id} at {day} is recorded already")
+    elif done.task_due is None:
+        typer.echo(f"check-up of {elder_id} at {day} recorded; no new task (a newer check-up's is open)")
+    else:
+        due = f"{done.task_due.astimezone(zone):%Y-%m-%d}"
+        typer.echo(f"check-up of {elder_id} at {day} recorded; task inform_checkup_results due {due}")
 
 
 @elders_app.command("list")

@@ -4,41 +4,150 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import BaseScheduler
 
 from eldercare.gateway.ingest import metrics
 from eldercare.gateway.settings import Settings
 from eldercare.gateway.store.store import Store
 
+if TYPE_CHECKING:
+    import psycopg
+
+    from eldercare.gateway.jobs import JobReport, ScheduledRules
+
 log = logging.getLogger(__name__)
 
 MAINTENANCE_EVERY_MIN = 10
+#: How often each job of the maintenance role runs. Absence: the shortest limit is 10 min (a
+#: silent wristband, a Last Will), so a minute adds at most a tenth to it, and an inactivity
+#: alert (urgent) is raised within a minute of the 4 h. Trends: from hourly rollups, over
+#: days; an hour more on a 7-day mean or a 3-day rise of daily weigh-ins changes nothing.
+#: Follow-ups: due dates are days away; an overdue task escalates within the hour. Finished
+#: timers are deleted daily, a week after they finished.
+MAINTENANCE_EVERY = timedelta(minutes=MAINTENANCE_EVERY_MIN)
+ABSENCE_EVERY = timedelta(minutes=1)
+TRENDS_EVERY = timedelta(hours=1)
+FOLLOW_UPS_EVERY = timedelta(hours=1)
+TIMERS_CLEANUP_EVERY = timedelta(days=1)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class MaintenanceRole:
     """The scheduled jobs of the maintenance role, on one ``Store`` opened at the first run.
 
     The store is opened lazily: the role may start before the database answers, and a run
-    that finds it down logs and leaves it to the next run.
+    that finds it down logs and leaves it to the next run. Every job is safe on several
+    instances at once (``store.maintenance``, ``gateway/jobs.py``).
     """
 
-    def __init__(self, settings: Settings, open_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, settings: Settings, open_timeout_s: float = 30.0, clock: Callable[[], datetime] = _utc_now
+    ) -> None:
         self.settings = settings
         self.open_timeout_s = open_timeout_s
+        self.clock = clock
         self.store: Store | None = None
+        self._rules: ScheduledRules | None = None
 
     def _store(self) -> Store:
         if self.store is None:
             self.store = Store.open(
                 self.settings.database_url,
                 min_size=1,
-                max_size=2,
+                max_size=5,  # a connection per job: they may all run at once
                 name="maintenance",
                 timeout=self.open_timeout_s,
             )
         return self.store
+
+    def jobs(self) -> list[tuple[Callable[[], None], timedelta]]:
+        """The role's jobs and how often each runs."""
+        return [
+            (self.maintenance, MAINTENANCE_EVERY),
+            (self.absence, ABSENCE_EVERY),
+            (self.trends, TRENDS_EVERY),
+            (self.followups, FOLLOW_UPS_EVERY),
+            (self.timers_cleanup, TIMERS_CLEANUP_EVERY),
+        ]
+
+    def schedule(self, scheduler: BaseScheduler) -> None:
+        """Add every job to ``scheduler``: first run now, then at its interval; a run late or
+        still running when the next is due is not run twice (coalesce, one instance)."""
+        for job, every in self.jobs():
+            scheduler.add_job(
+                job,
+                "interval",
+                seconds=every.total_seconds(),
+                next_run_time=self.clock(),
+                max_instances=1,
+                coalesce=True,
+                id=job.__name__,
+            )
+
+    def absence(self) -> None:
+        """Inactivity, device offline, low battery, wearable removed (``gateway/jobs.py``)."""
+        self._rule_job("absence", lambda rules, conn, now: rules.absence(conn, now))
+
+    def trends(self) -> None:
+        """Blood pressure, glucose and weight trends from the rollups (``gateway/jobs.py``)."""
+        self._rule_job("trends", lambda rules, conn, now: rules.trends(conn, now))
+
+    def followups(self) -> None:
+        """Chronic follow-ups, and overdue tasks escalated (``gateway/jobs.py``)."""
+        self._rule_job("follow_ups", lambda rules, conn, now: rules.followups(conn, now))
+
+    def timers_cleanup(self) -> None:
+        """Delete timers that finished a week ago."""
+        from eldercare.gateway.jobs import timers_cleanup
+
+        try:
+            with self._store().connection() as conn:
+                deleted = timers_cleanup(conn, self.clock())
+            log.info("finished timers deleted", extra={"deleted": deleted})
+        except Exception:  # a failed run must not kill the scheduler; the next run retries
+            log.exception("timers cleanup failed")
+
+    def _scheduled_rules(self) -> ScheduledRules | None:
+        """The scheduled rules on the deployment's rule set; None when the rules are off."""
+        if self.settings.rules == "off":
+            return None
+        if self._rules is None:
+            from eldercare.alerts.rules import load_rule_set
+            from eldercare.gateway.jobs import ScheduledRules
+
+            self._rules = ScheduledRules(load_rule_set(self.settings.rules_file), self._store().flavour)
+        return self._rules
+
+    def _rule_job(
+        self, name: str, run: Callable[[ScheduledRules, psycopg.Connection[Any], datetime], JobReport]
+    ) -> None:
+        try:
+            rules = self._scheduled_rules()
+            if rules is None:
+                return
+            with self._store().connection() as conn:
+                report = run(rules, conn, self.clock())
+        except Exception:  # a failed run must not kill the scheduler; the next run retries
+            log.exception("scheduled rules failed", extra={"job": name})
+            return
+        for decision, n in report.counts.items():
+            metrics.DECISIONS.labels(decision).inc(n)
+        for alert_id, rule, severity in report.opened:
+            log.info("alert raised", extra={"alert_id": str(alert_id), "rule": rule, "severity": severity})
+        done = {"job": name, "judged": report.judged, "changed": report.changed, "skipped": report.skipped}
+        log.log(
+            logging.INFO if report.counts or report.skipped else logging.DEBUG,
+            "scheduled rules run",
+            extra=done,
+        )
 
     def maintenance(self) -> None:
         """Partitions, retention, rollups and cleanup (``store.maintenance``)."""
@@ -49,7 +158,7 @@ class MaintenanceRole:
             with self._store().connection() as conn:
                 report = run_maintenance(
                     conn,
-                    now=datetime.now(UTC),
+                    now=self.clock(),
                     retention_observations_days=s.retention_observations_days,
                     retention_dead_letters_days=s.retention_dead_letters_days,
                     buffer_horizon_days=s.buffer_horizon_days,
@@ -73,14 +182,7 @@ def run_roles(settings: Settings, roles: set[str], stop: threading.Event, retire
     jobs = MaintenanceRole(settings)
     if "maintenance" in roles:
         scheduler = BackgroundScheduler(timezone="UTC")
-        scheduler.add_job(
-            jobs.maintenance,
-            "interval",
-            minutes=MAINTENANCE_EVERY_MIN,
-            next_run_time=datetime.now(UTC),
-            max_instances=1,
-            coalesce=True,
-        )
+        jobs.schedule(scheduler)
         scheduler.start()
     timers = None
     if "ingest" in roles:
