@@ -298,6 +298,43 @@ def dead_letters(
     out.print(table)
 
 
+#: Options the bench commands share.
+BenchWorkerEnv = Annotated[
+    list[str] | None,
+    typer.Option(
+        metavar="NAME=VALUE",
+        help="extra setting for the workers, e.g. ELDERCARE_BATCH_SIZE=1000 (repeatable)",
+    ),
+]
+BenchAdminUrl = Annotated[
+    str | None,
+    typer.Option(
+        help="PostgreSQL URL allowed to CREATE DATABASE "
+        "(default: the server of ELDERCARE_DATABASE_URL, else local PostgreSQL)"
+    ),
+]
+BenchKeep = Annotated[bool, typer.Option("--keep", help="keep the database and the work folder")]
+BenchJson = Annotated[str | None, typer.Option("--json", help="also write the results as JSON to this file")]
+
+
+def bench_numbers(text: str | None, option: str) -> tuple[float, ...] | None:
+    """Comma-separated numbers of a bench option (None when not given), or a usage error."""
+    from eldercare.gateway.bench.options import parse_rates
+
+    try:
+        return parse_rates(text) if text is not None else None
+    except ValueError:
+        raise typer.BadParameter(f"comma-separated numbers, not {text!r}", param_hint=option) from None
+
+
+def bench_worker_env(values: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """``--worker-env NAME=VALUE`` options as pairs, or a usage error."""
+    env = [e.partition("=") for e in values or []]
+    if any(not sep for _, sep, _ in env):
+        raise typer.BadParameter("NAME=VALUE", param_hint="--worker-env")
+    return tuple((name, value) for name, _, value in env)
+
+
 @bench_app.command("ingest")
 def bench_ingest(
     quick: Annotated[bool, typer.Option("--quick", help="smoke run: short steps (about 30 s)")] = False,
@@ -344,24 +381,10 @@ def bench_ingest(
     keep_going: Annotated[
         bool, typer.Option("--keep-going", help="run every step even after a failure")
     ] = False,
-    worker_env: Annotated[
-        list[str] | None,
-        typer.Option(
-            metavar="NAME=VALUE",
-            help="extra setting for the workers, e.g. ELDERCARE_BATCH_SIZE=1000 (repeatable)",
-        ),
-    ] = None,
-    admin_url: Annotated[
-        str | None,
-        typer.Option(
-            help="PostgreSQL URL allowed to CREATE DATABASE "
-            "(default: the server of ELDERCARE_DATABASE_URL, else local PostgreSQL)"
-        ),
-    ] = None,
-    keep: Annotated[bool, typer.Option("--keep", help="keep the database and the work folder")] = False,
-    json_path: Annotated[
-        str | None, typer.Option("--json", help="also write the results as JSON to this file")
-    ] = None,
+    worker_env: BenchWorkerEnv = None,
+    admin_url: BenchAdminUrl = None,
+    keep: BenchKeep = False,
+    json_path: BenchJson = None,
     profile_prefix: Annotated[
         str | None,
         typer.Option(
@@ -379,20 +402,11 @@ def bench_ingest(
 
     from eldercare.gateway.bench.database import default_admin_url
     from eldercare.gateway.bench.ingest import run_ingest_bench
-    from eldercare.gateway.bench.options import VARIANTS, parse_rates
+    from eldercare.gateway.bench.options import VARIANTS
 
-    def steps(text: str | None, option: str) -> tuple[float, ...] | None:
-        try:
-            return parse_rates(text) if text is not None else None
-        except ValueError:
-            raise typer.BadParameter(f"comma-separated rates, not {text!r}", param_hint=option) from None
-
-    env = [e.partition("=") for e in worker_env or []]
-    if any(not sep for _, sep, _ in env):
-        raise typer.BadParameter("NAME=VALUE", param_hint="--worker-env")
     given: dict[str, Any] = {
-        "rates": steps(rates, "--rates"),
-        "hub_rates": steps(hub_rates, "--hub-rates"),
+        "rates": bench_numbers(rates, "--rates"),
+        "hub_rates": bench_numbers(hub_rates, "--hub-rates"),
         "step_s": step_seconds,
         "settle_s": settle_seconds,
         "drain_messages": drain,
@@ -413,11 +427,110 @@ def bench_ingest(
         keep=keep,
         json_path=json_path,
         profile_prefix=profile_prefix,
-        worker_env=tuple((name, value) for name, _, value in env),
+        worker_env=bench_worker_env(worker_env),
         **{k: v for k, v in given.items() if v is not None},
     )
     result = run_ingest_bench(options, out)
     if not all(v.lossless for v in result.variants):
+        raise typer.Exit(1)
+
+
+@bench_app.command("rules")
+def bench_rules(
+    quick: Annotated[bool, typer.Option("--quick", help="smoke run: short steps (about a minute)")] = False,
+    rules: Annotated[
+        str, typer.Option(metavar="SETTINGS", help="ELDERCARE_RULES of each run, in order")
+    ] = "off,default",
+    breach_rate: Annotated[
+        float | None, typer.Option(help="share of readings breaching a default rule (default 0.01)")
+    ] = None,
+    news2_scoring: Annotated[
+        float, typer.Option(help="share of messages with a value NEWS2 scores 1, not breaching")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="the population's seed (care plans, episodes, spikes)")] = 1,
+    devices: Annotated[
+        int | None, typer.Option(help="wristbands, each with its elder (default 10,000)")
+    ] = None,
+    rates: Annotated[
+        str | None, typer.Option(metavar="RATES", help="paced steps, msg/s (default 6000,8000,10000,12000)")
+    ] = None,
+    step_seconds: Annotated[float | None, typer.Option(help="seconds per step (default 20)")] = None,
+    drain: Annotated[int | None, typer.Option(help="backlog of each drain (default 150,000)")] = None,
+    publishers: Annotated[
+        int | None, typer.Option(help="publisher processes (default: 1 per 5k msg/s)")
+    ] = None,
+    sos: Annotated[int | None, typer.Option(help="SOS presses per background (0: none; default 300)")] = None,
+    sos_rate: Annotated[float | None, typer.Option(help="SOS presses per second (default 2)")] = None,
+    sos_background: Annotated[
+        str | None,
+        typer.Option(
+            metavar="RATES", help="telemetry msg/s beside the presses, 0 idle (default 0,5000,10000)"
+        ),
+    ] = None,
+    worker_env: BenchWorkerEnv = None,
+    admin_url: BenchAdminUrl = None,
+    keep: BenchKeep = False,
+    json_path: BenchJson = None,
+    profile_prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--profile",
+            metavar="PREFIX",
+            help="py-spy the drain (wall clock, all threads) into PREFIX-<n>-<setting>-telemetry.txt",
+        ),
+    ] = None,
+) -> None:
+    """Ingest throughput with the rules off and on, and SOS latency, on a population that breaches.
+
+    Uses its own database (created on --admin-url, dropped afterwards) and its own mosquitto.
+    """
+    from dataclasses import replace
+
+    from eldercare.gateway.bench.database import default_admin_url
+    from eldercare.gateway.bench.rules import RulesOptions, run_rules_bench
+    from eldercare.simulators.population import Population
+
+    settings_ = tuple(x.strip() for x in rules.split(",") if x.strip())
+    if not settings_:
+        raise typer.BadParameter("one setting at least, e.g. off,default", param_hint="--rules")
+    base = RulesOptions.quick() if quick else RulesOptions()
+    default_rate = (base.bench.population or Population()).breach_rate
+    try:
+        population = Population(
+            breach_rate=default_rate if breach_rate is None else breach_rate,
+            news2_scoring=news2_scoring,
+            seed=seed,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--breach-rate / --news2-scoring") from None
+    given: dict[str, Any] = {
+        "rates": bench_numbers(rates, "--rates"),
+        "step_s": step_seconds,
+        "drain_messages": drain,
+        "devices": devices,
+        "publishers": publishers,
+    }
+    bench = replace(
+        base.bench,
+        population=population,
+        admin_url=admin_url or default_admin_url(),
+        keep=keep,
+        json_path=json_path,
+        profile_prefix=profile_prefix,
+        profile_wall=True,
+        worker_env=bench_worker_env(worker_env),
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    sos_given: dict[str, Any] = {
+        "sos": sos,
+        "sos_rate": sos_rate,
+        "sos_backgrounds": bench_numbers(sos_background, "--sos-background"),
+    }
+    options = replace(
+        base, bench=bench, settings=settings_, **{k: v for k, v in sos_given.items() if v is not None}
+    )
+    result = run_rules_bench(options, out)
+    if not all(r.result.lossless for r in result.runs):
         raise typer.Exit(1)
 
 

@@ -43,6 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from eldercare.devices.connection import MqttTarget
 from eldercare.simulators.device_link import NO_MATCHING_SUBSCRIBERS
+from eldercare.simulators.population import Population
 
 Variant = Literal["telemetry", "hub"]
 METRICS_PER_SAMPLE = 3  # heart_rate, spo2, steps
@@ -68,6 +69,9 @@ class Fleet:
     sample_spacing_ms: int = 10
     #: Distinguishes fleets sharing one database (e.g. ``bench``, ``demo``).
     prefix: str = "bench"
+    #: telemetry variant: who the elders are and how often their vitals breach a rule
+    #: (``population.py``); None: plausible values, no care plans.
+    population: Population | None = None
 
     @property
     def datapoints_per_message(self) -> int:
@@ -423,6 +427,8 @@ class _Payloads:
         self.subs = [fleet.sub_ids(i) for i in mine] if fleet.variant == "hub" else []
         self.steps = [0] * (len(self.topics) * max(1, fleet.subs_per_hub))
         self.hr, self.spo2, self.step_inc = _value_tables(index * 7919 + 17)
+        pop = fleet.population if fleet.variant == "telemetry" else None
+        self.vitals = pop.vitals(mine, index) if pop is not None else None
         self.seq = 0
 
     def __bool__(self) -> bool:
@@ -438,12 +444,16 @@ class _Payloads:
             return slot, self.topics[slot], self._hub(seq, slot, seq // n, now_ms)
         steps = self.steps[slot] + self.step_inc[seq % 269]
         self.steps[slot] = steps
+        if self.vitals is None:
+            hr, spo2 = self.hr[(seq + slot) % 257], self.spo2[(seq + slot) % 263]
+        else:
+            hr, spo2 = self.vitals.at(slot, seq, now_ms)
         payload = b'{"msg_id":"%s%d","ts":%d,"metrics":{"heart_rate":%d,"spo2":%d,"steps":%d}}' % (
             self.tag,
             seq,
             now_ms,
-            self.hr[(seq + slot) % 257],
-            self.spo2[(seq + slot) % 263],
+            hr,
+            spo2,
             steps,
         )
         return slot, self.topics[slot], payload

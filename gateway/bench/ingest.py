@@ -471,7 +471,7 @@ class VariantRun:
         if self.o.profile_prefix:
             out = Path(f"{self.o.profile_prefix}-{self.variant}.txt")
             try:
-                spy = PySpy(workers.pids[0], out)
+                spy = PySpy(workers.pids[0], out, wall=self.o.profile_wall)
                 self.say(f"recording worker {workers.pids[0]} with py-spy into {out}")
             except RuntimeError as exc:
                 self.notes.append(str(exc))

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from eldercare.simulators.population import Population
+
 if TYPE_CHECKING:
     from eldercare.simulators.publisher import Fleet
 
@@ -62,6 +64,11 @@ class BenchOptions:
     #: ``<profile_prefix>-<variant>.txt`` (collapsed stacks, one line per stack, with thread ids)
     #: and a summary printed at the end of the drain.
     profile_prefix: str | None = None
+    #: ``--profile`` in wall-clock mode: every thread, waiting or not (see ``PySpy``).
+    profile_wall: bool = False
+    #: Telemetry from a population of elders with care plans whose vitals breach the rules
+    #: (``simulators/population.py``); None: plausible values, no care plans.
+    population: Population | None = None
 
     @classmethod
     def quick(cls, **changes: Any) -> BenchOptions:
@@ -95,7 +102,7 @@ class BenchOptions:
                 sample_spacing_ms=1,
                 prefix="bench",
             )
-        return Fleet(variant="telemetry", size=self.devices, prefix="bench")
+        return Fleet(variant="telemetry", size=self.devices, prefix="bench", population=self.population)
 
     def ladder(self, variant: str) -> tuple[float, ...]:
         return self.hub_rates if variant == "hub" else self.rates

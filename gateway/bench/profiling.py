@@ -28,8 +28,12 @@ _PROCESS_IDS = re.compile(r'process (\d+):"')
 class PySpy:
     """py-spy recording one process into a file of collapsed stacks (with threads) until stopped."""
 
-    def __init__(self, pid: int, out: Path) -> None:
-        """Start recording ``pid`` (RuntimeError when py-spy is not installed)."""
+    def __init__(self, pid: int, out: Path, wall: bool = False) -> None:
+        """Start recording ``pid`` (RuntimeError when py-spy is not installed).
+
+        ``wall``: every thread at every sample, waiting or not (where a thread's wall time
+        goes, e.g. a batch writer waiting for PostgreSQL); else only the thread holding the GIL.
+        """
         self.out = out
         exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(exe).exists():
@@ -38,7 +42,8 @@ class PySpy:
         # is where its one core goes); --nonblocking: the worker is not paused per sample;
         # --subprocesses: the committer process too.
         cmd = [exe, "record", "--pid", str(pid), "--rate", "100", "--format", "raw"]
-        cmd += ["--threads", "--gil", "--nonblocking", "--subprocesses", "--output", str(out)]
+        cmd += ["--threads", "--idle" if wall else "--gil", "--nonblocking", "--subprocesses"]
+        cmd += ["--output", str(out)]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def stop(self) -> str:
@@ -97,3 +102,28 @@ def profile_summary(raw: str, top: int = 12, rate: float = 100.0) -> list[str]:
     out.append("hottest frames (self time):")
     out += [f"  {v / total:5.1%} {k}" for k, v in by_count(selfs)[:top]]
     return out
+
+
+def callee_shares(raw: str, within: str, caller: str) -> tuple[int, int, dict[str, int]]:
+    """Where a caller's time goes, in a py-spy raw profile.
+
+    Returns the samples whose stack holds a frame containing ``within`` (e.g. the batch
+    writer), those of them that also hold ``caller`` (e.g. the rules' batch step), and those
+    by the function ``caller`` was running then (the frame right below it, file and line cut).
+    """
+    total = inside = 0
+    by: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, n_text = line.rpartition(" ")
+        if not stack or not n_text.isdigit() or within not in stack:
+            continue
+        n = int(n_text)
+        total += n
+        frames = stack.split(";")
+        at = next((i for i, f in enumerate(frames) if caller in f), None)
+        if at is None:
+            continue
+        inside += n
+        callee = frames[at + 1].split(" (", 1)[0] if at + 1 < len(frames) else "(itself)"
+        by[callee] = by.get(callee, 0) + n
+    return total, inside, by

@@ -43,24 +43,13 @@ INGEST_OPTIONS = (
 )
 
 
-def test_ingest_help_lists_every_option() -> None:
-    done = subprocess.run(
-        [ELDERCARE, "bench", "ingest", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    assert done.returncode == 0, done.stderr
-    listed = {word for line in done.stdout.splitlines() for word in line.split() if word.startswith("--")}
-    assert set(INGEST_OPTIONS) <= listed
-
-
-def test_ingest_rejects_rates_that_are_not_numbers() -> None:
-    done = subprocess.run(
-        [ELDERCARE, "bench", "ingest", "--rates", "4000,fast"], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 2 and "--rates" in done.stderr
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [(("ingest", "--rates", "4000,fast"), "--rates"), (("rules", "--breach-rate", "0.5"), "--breach-rate")],
+)
+def test_a_bench_rejects_an_option_out_of_its_range(args: tuple[str, ...], option: str) -> None:
+    done = subprocess.run([ELDERCARE, "bench", *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and option in done.stderr
 
 
 @pytest.mark.slow
@@ -154,3 +143,83 @@ def test_profile_summary_names_the_process_of_each_thread() -> None:
     lines = profile_summary(raw)
     assert any("process 10" in line and "paho" in line for line in lines)
     assert any("process 11" in line and "MainThread" in line for line in lines)
+
+
+RULES_OPTIONS = (
+    "--quick",
+    "--rules",
+    "--breach-rate",
+    "--news2-scoring",
+    "--seed",
+    "--devices",
+    "--rates",
+    "--step-seconds",
+    "--drain",
+    "--sos",
+    "--sos-rate",
+    "--sos-background",
+    "--worker-env",
+    "--admin-url",
+    "--keep",
+    "--json",
+    "--profile",
+)
+
+
+@pytest.mark.parametrize(("command", "options"), [("ingest", INGEST_OPTIONS), ("rules", RULES_OPTIONS)])
+def test_help_lists_every_option(command: str, options: tuple[str, ...]) -> None:
+    done = subprocess.run(
+        [ELDERCARE, "bench", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert done.returncode == 0, done.stderr
+    listed = {word for line in done.stdout.splitlines() for word in line.split() if word.startswith("--")}
+    assert set(options) <= listed
+
+
+@pytest.mark.slow
+@needs_mosquitto
+def test_quick_rules_benchmark_compares_rules_off_and_on_and_times_sos_presses(
+    tmp_path: Path, pg_admin_url: str
+) -> None:
+    out = tmp_path / "rules.json"
+    done = subprocess.run(
+        [ELDERCARE, "bench", "rules", "--quick", "--admin-url", pg_admin_url, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "rules on / off, drain" in done.stdout and "SOS" in done.stdout
+    result = json.loads(out.read_text())
+    off, on = result["runs"]
+    assert (off["setting"], on["setting"]) == ("off", "default")
+    for run in (off, on):
+        assert run["result"]["receipts_found"] == run["result"]["receipts_expected"] > 0
+        assert run["breaching_readings"] > 0 and run["result"]["worker_drain"]["rate"] > 0
+    assert off["decisions"]["alerts opened"] == 0 < on["decisions"]["alerts opened"]
+    assert result["ratio_drain"] > 0
+    [sos] = result["sos"]
+    assert sos["committed"] == len(sos["presses"]["presses"]) > 0
+    assert sos["quantiles"]["total"]["p99"] > 0 and sos["quantiles"]["commit"]["p50"] >= 0
+
+
+def test_callee_shares_split_a_callers_samples_by_what_it_called() -> None:
+    from eldercare.gateway.bench.profiling import callee_shares
+
+    raw = (
+        "thread (0x1): w;write (gateway/store/writer.py:9);__call__ (gateway/ingest/alerting.py:1);"
+        "load_history (gateway/store/alerts.py:5);execute (psycopg/cursor.py:2) 30\n"
+        "thread (0x1): w;write (gateway/store/writer.py:9);__call__ (gateway/ingest/alerting.py:1) 10\n"
+        "thread (0x1): w;write (gateway/store/writer.py:9);_copy_readings (gateway/store/writer.py:4) 60\n"
+        "thread (0x2): paho;_loop (paho/mqtt/client.py:1) 99\n"
+    )
+    assert callee_shares(raw, "store/writer.py", "ingest/alerting.py") == (
+        100,
+        40,
+        {"load_history": 30, "(itself)": 10},
+    )
