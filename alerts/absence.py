@@ -209,7 +209,11 @@ def _inactivity(
     out: list[Decision] = []
     began = _silence_began(ctx, rule)
     if last is not None and began is not None and last.at > began and _condition_on(ctx, rule.id):
-        moved = {"activity": _reading_json(last, ctx), "silent_since": iso(began)}
+        moved = {
+            "activity": _reading_json(last, ctx),
+            "silent_since": iso(began),
+            "reason": f"{last.metric} {last.value:g} at {local_hhmm(last.at, ctx.plan.zone)} local",
+        }
         out += clear_condition(ctx.alerts, rule.id, now, moved)
     if last is None:
         return out  # no activity sensor reporting in ACTIVITY_HISTORY: not judged
@@ -275,7 +279,8 @@ def _device_offline(
         if not _condition_on(ctx, rule.id):
             return []
         back = [{"device_id": d.device_id, "last_seen": iso(d.last_seen)} for d in devices]
-        return clear_condition(ctx.alerts, rule.id, now, {"devices": back})
+        cleared = {"devices": back, "reason": "every device reports again"}
+        return clear_condition(ctx.alerts, rule.id, now, cleared)
     safety = [d for d in devices if d.type in rule.safety_device_types]
     severity, why = rule.severity, None
     if (
@@ -330,11 +335,15 @@ def _battery_low(
         cleared_at = rule.below * (1 + margin)
         if not _condition_on(ctx, rule.id) or any(_battery(d) < cleared_at for d in reported):
             return []
-        evidence = {
+        lowest_now = min((_battery(d) for d in reported), default=None)
+        back = {
             "margin": margin,
             "devices": [{"device_id": d.device_id, "battery": d.battery} for d in reported],
+            "reason": f"battery at {lowest_now:g} % or more on every device (clears at {cleared_at:g} %)"
+            if lowest_now is not None
+            else "no device reports a battery",
         }
-        return clear_condition(ctx.alerts, rule.id, now, evidence)
+        return clear_condition(ctx.alerts, rule.id, now, back)
     lowest = low[0]
     evidence = {
         "metric": "battery",
@@ -370,7 +379,13 @@ def _unanswered(
     if not open_ and began is not None and _condition_on(ctx, rule.id):
         answers = sorted((e for e in events if e.kind in rule.unless and e.at > began), key=lambda e: e.at)
         if answers:
-            worn = {"event": answers[-1].kind, "at": iso(answers[-1].at), "device_id": answers[-1].device_id}
+            last = answers[-1]
+            worn = {
+                "event": last.kind,
+                "at": iso(last.at),
+                "device_id": last.device_id,
+                "reason": f"{last.kind} at {local_hhmm(last.at, ctx.plan.zone)} local ({last.device_id})",
+            }
             out += clear_condition(ctx.alerts, rule.id, now, worn)
     span_start, span_end = _span(rule.active_hours, ctx, now)
     until = min(now, span_end)

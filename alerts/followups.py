@@ -3,7 +3,7 @@
 A follow-up is an alert of severity ``follow_up`` with its task, as every follow-up is: the
 alert is what is dispatched (to the family doctor team's queue), escalated and closed; the
 task is the work, with its due date. Three decisions the lifecycle does not have live here,
-with their persistence in ``gateway/store/followups.py``:
+with their persistence in ``gateway/store/scheduled.py``:
 
 - ``AutoClose``: an active follow-up alert replaced by a newer one of its rule (rules.md
   lifecycle: ``auto_closed``, "follow-ups superseded by a newer one"); its open task is

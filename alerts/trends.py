@@ -28,20 +28,25 @@ rise rules (``weight_gain``)
 A match's ``observed_at`` is the start of the newest hourly bucket it rests on, so once staff
 resolve an alert the same readings do not raise it again; a newer reading that keeps the
 trend over the line does.
+
+An alert of a rule that pulls the elder's chronic follow-up forward (bp_uncontrolled,
+glucose_uncontrolled: "family doctor within 14 days") has no task of its own: the follow-up
+job brings the chronic follow-up's task to within 14 days of the alert (``followups.py``),
+one piece of work for the team rather than two.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-from eldercare.alerts.decisions import CONDITION_ON_STATES, Decision, Match
+from eldercare.alerts.decisions import CONDITION_ON_STATES, Decision, Match, OpenAlert
 from eldercare.alerts.lifecycle import clear_condition
-from eldercare.alerts.rules import MeanTrendRule, RiseTrendRule, TimeWindow
+from eldercare.alerts.rules import MeanTrendRule, PeriodicFollowUpRule, RiseTrendRule, TimeWindow
 from eldercare.alerts.scheduled import Elder, decide_match, iso
 
 #: Readings a mean needs before it is judged.
@@ -176,6 +181,10 @@ def decide(
     return out
 
 
+def _days(span: timedelta) -> str:
+    return f"{span.days}-day" if span % DAY == timedelta(0) else f"{span.total_seconds() / 3600:g}-hour"
+
+
 def _condition_on(ctx: Elder, rule_id: str) -> bool:
     active = ctx.alerts.active.get(rule_id)
     return active is not None and active.state in CONDITION_ON_STATES
@@ -201,7 +210,13 @@ def _mean(
             return []
         if not all(c.clears(usable[c.metric].mean, margin) for c in rule.any):
             return []
-        cleared = {"margin": margin, "window_s": rule.over.total_seconds(), "means": shown}
+        back = ", ".join(f"{m} {usable[m].mean:.1f}" for m in sorted(rule.metrics))
+        cleared = {
+            "margin": margin,
+            "window_s": rule.over.total_seconds(),
+            "means": shown,
+            "reason": f"{_days(rule.over)} mean back inside by {margin:.0%}: {back}",
+        }
         return clear_condition(ctx.alerts, rule.id, now, cleared)
     first = usable[breached[0].metric]
     evidence: dict[str, Any] = {
@@ -217,7 +232,12 @@ def _mean(
         evidence["timezone"] = ctx.plan.timezone
     observed = min(now, max(usable[c.metric].last for c in breached))
     match = Match(ctx.elder_id, rule.id, rule.severity, observed, None, first.mean, evidence)
-    return decide_match(ctx.rules, ctx.alerts, match, now, new_id)
+    decided = decide_match(ctx.rules, ctx.alerts, match, now, new_id)
+    if not any(
+        isinstance(r, PeriodicFollowUpRule) and rule.id in r.pulled_forward_by for r in ctx.rules.schedules
+    ):
+        return decided
+    return [replace(d, task=None) if isinstance(d, OpenAlert) else d for d in decided]
 
 
 def _rise(
@@ -242,8 +262,14 @@ def _rise(
         margin = ctx.rules.hysteresis_margin(rule.id)
         if rise > rule.by * (1 - margin) or not _condition_on(ctx, rule.id):
             return []
-        evidence = {"margin": margin, "rise": round(rise, 2), "days": daily}
-        return clear_condition(ctx.alerts, rule.id, now, evidence)
+        below = rule.by * (1 - margin)
+        cleared = {
+            "margin": margin,
+            "rise": round(rise, 2),
+            "days": daily,
+            "reason": f"{rule.metric} rise {rise:.1f} over {rise_days(rule)} days (clears at {below:g})",
+        }
+        return clear_condition(ctx.alerts, rule.id, now, cleared)
     evidence = {
         "metric": rule.metric,
         "value": round(rise, 2),

@@ -42,7 +42,7 @@ from eldercare.alerts.scheduled import Elder
 from eldercare.gateway.store import alerts as store
 from eldercare.gateway.store import scans, timers
 from eldercare.gateway.store.flavour import Flavour
-from eldercare.gateway.store.followups import insert_checkup, link_checkup, persist_scheduled
+from eldercare.gateway.store.scheduled import insert_checkup, link_checkup, persist_scheduled
 
 #: Elders per transaction of a job run.
 CHUNK_SIZE = 1000

@@ -59,6 +59,14 @@ def test_a_7_day_mean_of_140_systolic_or_90_diastolic_is_uncontrolled(
         }
 
 
+def test_the_uncontrolled_alert_leaves_its_task_to_the_pulled_forward_chronic_follow_up() -> None:
+    [alert] = trends.decide(elder(HYPERTENSION), bp(150, 95), NOW)
+    assert isinstance(alert, OpenAlert) and alert.task is None
+    alone = CarePlan(conditions=frozenset({"hypertension"}), disabled=frozenset({"chronic_follow_up"}))
+    [own] = trends.decide(elder(alone), bp(150, 95), NOW)
+    assert isinstance(own, OpenAlert) and own.task is not None and own.task.kind == "bp_uncontrolled"
+
+
 def test_bp_trends_need_a_hypertension_plan_and_three_readings() -> None:
     assert trends.decide(elder(CarePlan()), bp(160, 100), NOW) == []
     assert trends.decide(elder(HYPERTENSION), bp(160, 100, readings=2), NOW) == []
@@ -72,6 +80,8 @@ def test_an_uncontrolled_mean_is_raised_once_and_clears_below_the_margin() -> No
     assert trends.decide(ctx, bp(134, 85), NOW + timedelta(hours=1)) == []  # inside, not by 5 %
     [cleared] = trends.decide(ctx, bp(133, 85.5), NOW + timedelta(hours=2))
     assert isinstance(cleared, ClearCondition) and cleared.evidence["margin"] == 0.05
+    reason = "7-day mean back inside by 5%: diastolic_bp 85.5, systolic_bp 133.0"
+    assert cleared.evidence["reason"] == reason
 
 
 def test_a_resolved_trend_raises_again_only_on_a_newer_reading() -> None:

@@ -112,6 +112,8 @@ def test_device_offline_is_raised_once_over_runs_and_clears_when_the_device_repo
     conn.execute("UPDATE devices SET last_seen = %s WHERE device_id = 'wb-1'", (NOW + 3 * MIN,))
     assert ScheduledRules(RULES).absence(conn, NOW + 4 * MIN).counts["condition_cleared"] == 1
     assert [a[2] for a in alerts(conn, "e-1")] == ["condition_cleared"]
+    cleared = one(conn, "SELECT reason FROM alert_history WHERE to_state = 'condition_cleared'")
+    assert cleared == "condition cleared: every device reports again"
 
 
 def test_inactivity_is_judged_in_each_elders_own_time_zone_and_only_for_those_alone(
@@ -279,6 +281,7 @@ def test_chronic_follow_ups_are_created_pulled_forward_and_replaced(conn: psycop
     readings(conn, "e-1", "systolic_bp", [(NOW - k * DAY, 160.0) for k in range(3)])
     jobs.trends(conn, NOW + HOUR)
     assert [a[0] for a in alerts(conn, "e-1")] == ["chronic_follow_up", "bp_uncontrolled"]
+    assert one(conn, "SELECT count(*) FROM tasks") == 1  # the follow-up is the uncontrolled BP's task
     jobs.followups(conn, NOW + 2 * HOUR)
     jobs.followups(conn, NOW + 3 * HOUR)
     assert tasks(conn, "e-1", "chronic_follow_up")[0][2] == NOW + HOUR + 14 * DAY
