@@ -16,12 +16,12 @@ inactivity (``no_activity``)
   count and yesterday's afternoon does not carry over (no activity since 19:00 yesterday: at
   12:00 the silence is 4 h, counted from 08:00). It is judged over the latest span of the
   hours, up to ``now`` or the span's end, so a run just after 20:00 still raises for a silence
-  that reached 4 h before it. Without active hours, silence runs from the last activity. An
-  elder with no activity reading at all in the last ``ACTIVITY_HISTORY`` is not judged: that
-  is a home without working activity sensors, not an elder who does not move
-  (``device_offline`` covers sensors that stopped). Only elders who live alone: the rule's
-  ``requires``, which ``effective_rules`` applies. Clears on an activity reading after the
-  silence began.
+  that reached 4 h before it. Without active hours, silence runs from the last activity. With
+  no activity in the last ``ACTIVITY_HISTORY`` (7 days), the elder is judged only if the
+  activity sensors report at all (a reading of their metrics of any value: motion 0): a home
+  without working activity sensors is not an elder who does not move (``device_offline``
+  covers sensors that stopped). Only elders who live alone: the rule's ``requires``, which
+  ``effective_rules`` applies. Clears on an activity reading after the silence began.
 device_offline (``device_silent``)
   A device registered to the elder, enabled, and heard from at least once (never-heard
   devices have nothing to be silent since), is offline when ``last_seen`` is older than
@@ -135,6 +135,9 @@ class AbsenceFacts:
     devices: Sequence[Device] = ()
     #: rule id -> the newest reading meeting any of its conditions (absent: none found)
     readings: Mapping[str, Reading] = field(default_factory=dict)
+    #: rule id -> when ``readings`` found none: the newest reading of the conditions' metrics
+    #: of any value (the sensors report, nothing moves); absent: no sensor reports
+    sensed: Mapping[str, Reading] = field(default_factory=dict)
     #: rule id -> per device, the newest event of the rule's kinds
     events: Mapping[str, Sequence[DeviceEvent]] = field(default_factory=dict)
 
@@ -182,7 +185,8 @@ def decide(
     out: list[Decision] = []
     for rule in ctx.rules.absences:
         if isinstance(rule, NoActivityRule):
-            out += _inactivity(ctx, rule, facts.readings.get(rule.id), now, new_id)
+            found = facts.readings.get(rule.id), facts.sensed.get(rule.id)
+            out += _inactivity(ctx, rule, *found, now, new_id)
         elif isinstance(rule, DeviceSilentRule):
             out += _device_offline(ctx, rule, facts.devices, now, new_id)
         elif isinstance(rule, BatteryLowRule):
@@ -204,7 +208,12 @@ def _silence_began(ctx: Elder, rule: NoActivityRule | EventUnansweredRule) -> da
 
 
 def _inactivity(
-    ctx: Elder, rule: NoActivityRule, last: Reading | None, now: datetime, new_id: Callable[[], UUID]
+    ctx: Elder,
+    rule: NoActivityRule,
+    last: Reading | None,
+    sensed: Reading | None,
+    now: datetime,
+    new_id: Callable[[], UUID],
 ) -> list[Decision]:
     out: list[Decision] = []
     began = _silence_began(ctx, rule)
@@ -215,10 +224,13 @@ def _inactivity(
             "reason": f"{last.metric} {last.value:g} at {local_hhmm(last.at, ctx.plan.zone)} local",
         }
         out += clear_condition(ctx.alerts, rule.id, now, moved)
-    if last is None:
-        return out  # no activity sensor reporting in ACTIVITY_HISTORY: not judged
     span_start, span_end = _span(rule.active_hours, ctx, now)
-    since = last.at if span_start is None else max(span_start, last.at)
+    if last is not None:
+        since = last.at if span_start is None else max(span_start, last.at)
+    elif sensed is not None and span_start is not None:
+        since = span_start  # nothing moved for a week: the day's hours all count
+    else:
+        return out  # no activity sensor reports (or no hours to count a week's silence in)
     if min(now, span_end) - since < rule.silent_for:
         return out
     zone = ctx.plan.zone
@@ -229,11 +241,14 @@ def _inactivity(
         "window_s": rule.silent_for.total_seconds(),
         "silent_since": iso(since),
         "silent_since_local": local_hhmm(since, zone),
-        "last_activity": _reading_json(last, ctx),
+        "last_activity": None if last is None else _reading_json(last, ctx),
         "active_hours": None if rule.active_hours is None else str(rule.active_hours),
         "timezone": ctx.plan.timezone,
         "summary": f"no activity since {local_hhmm(since, zone)} local{counted}",
     }
+    if last is None and sensed is not None:
+        evidence["sensor"] = _reading_json(sensed, ctx)
+        evidence["summary"] += f" (none in {ACTIVITY_HISTORY.days} days)"
     match = Match(ctx.elder_id, rule.id, rule.severity, since + rule.silent_for, None, None, evidence)
     return out + decide_match(ctx.rules, ctx.alerts, match, now, new_id)
 

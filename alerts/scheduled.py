@@ -20,6 +20,7 @@ fixed for as long as the state it describes lasts.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -78,6 +79,7 @@ def decide_match(
     return apply_match(rules, state, match, now, new_id)
 
 
+@functools.lru_cache(maxsize=4096)  # a run asks the same (hours, zone, now) for many elders
 def latest_span(window: TimeWindow, zone: ZoneInfo, now: datetime) -> tuple[datetime, datetime]:
     """The latest occurrence of the local hours ``window`` that began at or before ``now``: its
     (start, end) in UTC. ``now`` lies inside it, or after its end (outside the hours).

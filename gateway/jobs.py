@@ -308,11 +308,18 @@ def _absence_facts(
     readings: dict[str, dict[str, absence_rules.Reading]] = defaultdict(dict)
     for (elder_id, rule_id), reading in scans.latest_readings(cur, reading_asks, now).items():
         readings[elder_id][rule_id] = reading
+    # The rare elder without activity in a week: do the sensors report at all?
+    unmoved = [x for x in reading_asks if x.rule_id not in readings.get(x.elder_id, {})]
+    sensed: dict[str, dict[str, absence_rules.Reading]] = defaultdict(dict)
+    for (elder_id, rule_id), reading in scans.latest_readings(cur, unmoved, now, any_value=True).items():
+        sensed[elder_id][rule_id] = reading
     events: dict[str, dict[str, list[absence_rules.DeviceEvent]]] = defaultdict(dict)
     for (elder_id, rule_id), found in scans.latest_events(cur, event_asks, now).items():
         events[elder_id][rule_id] = found
     return {
-        e: absence_rules.AbsenceFacts(devices.get(e, []), readings.get(e, {}), events.get(e, {}))
+        e: absence_rules.AbsenceFacts(
+            devices.get(e, []), readings.get(e, {}), sensed.get(e, {}), events.get(e, {})
+        )
         for e in contexts
     }
 

@@ -67,16 +67,18 @@ _OPS = {"<": "<", "<=": "<=", ">": ">", ">=": ">="}
 
 
 def latest_readings(
-    cur: psycopg.Cursor[Any], lookups: Sequence[ReadingLookup], now: datetime
+    cur: psycopg.Cursor[Any], lookups: Sequence[ReadingLookup], now: datetime, any_value: bool = False
 ) -> dict[tuple[str, str], Reading]:
-    """Per (elder, rule), the newest reading meeting any of the rule's lookups' conditions,
-    taken at or after their ``since`` and at or before ``now`` (clock-skewed ones never count)."""
+    """Per (elder, rule), the newest reading meeting any of the rule's lookups' conditions
+    (``any_value``: of their metrics, whatever the value), taken at or after their ``since``
+    and at or before ``now`` (clock-skewed ones never count)."""
     found: dict[tuple[str, str], Reading] = {}
     by_op: dict[str, list[ReadingLookup]] = defaultdict(list)
     for lookup in lookups:
-        by_op[lookup.condition.op].append(lookup)
+        by_op["any" if any_value else lookup.condition.op].append(lookup)
     for op, group in sorted(by_op.items()):
         # One statement per comparison (a handful): the operator is SQL, the rest parameters.
+        test = sql.SQL("true") if op == "any" else sql.SQL("o.value {} w.threshold").format(sql.SQL(_OPS[op]))
         cur.execute(
             sql.SQL(
                 "SELECT w.elder_id, w.rule, o.time, w.metric, o.value, o.device_id"
@@ -84,10 +86,10 @@ def latest_readings(
                 "   AS w(elder_id, rule, metric, threshold, since)"
                 " CROSS JOIN LATERAL (SELECT time, value, device_id FROM observations o"
                 "   WHERE o.elder_id = w.elder_id AND o.metric = w.metric"
-                "     AND o.time >= w.since AND o.time <= %s AND o.value {op} w.threshold"
+                "     AND o.time >= w.since AND o.time <= %s AND {test}"
                 "     AND NOT ('clock_skew' = ANY(o.flags))"
                 "   ORDER BY o.time DESC LIMIT 1) AS o"
-            ).format(op=sql.SQL(_OPS[op])),
+            ).format(test=test),
             (
                 [x.elder_id for x in group],
                 [x.rule_id for x in group],

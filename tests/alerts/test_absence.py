@@ -108,6 +108,17 @@ def test_an_elder_without_any_activity_reading_is_not_judged() -> None:
     assert decide(elder(ALONE), local(SHANGHAI, 2024, 6, 3, 19, 0)) == []
 
 
+def test_sensors_reporting_no_movement_for_a_week_count_the_day_from_08_00() -> None:
+    still = Reading(local(SHANGHAI, 2024, 6, 3, 11, 55), "motion", 0.0, "pir-1")
+    ctx = elder(ALONE)
+    assert decide(ctx, local(SHANGHAI, 2024, 6, 3, 11, 59), sensed={"inactivity": still}) == []
+    raised = opened(decide(ctx, local(SHANGHAI, 2024, 6, 3, 12, 0), sensed={"inactivity": still}))
+    evidence = raised.match.evidence
+    assert evidence["last_activity"] is None and evidence["sensor"]["value"] == 0.0
+    assert evidence["summary"] == "no activity since 08:00 local inside 08:00-20:00 local (none in 7 days)"
+    assert decide(ctx, local(SHANGHAI, 2024, 6, 3, 12, 1), sensed={"inactivity": still}) == []
+
+
 def test_the_same_silence_on_the_next_run_changes_nothing_and_activity_clears_it() -> None:
     ctx = elder(ALONE)
     last = motion(local(SHANGHAI, 2024, 6, 3, 8, 30))

@@ -122,12 +122,16 @@ def test_inactivity_is_judged_in_each_elders_own_time_zone_and_only_for_those_al
     elder(conn, "e-sh", SHANGHAI_ALONE)
     elder(conn, "e-ld", CarePlan(lives_alone=True, timezone="Europe/London"))
     elder(conn, "e-family", CarePlan(lives_alone=False, timezone="Asia/Shanghai"))
+    elder(conn, "e-still", SHANGHAI_ALONE)
+    readings(conn, "e-still", "motion", [(NOW - k * HOUR, 0.0) for k in range(200)])  # never moves
     for elder_id in ("e-sh", "e-ld", "e-family"):
         # The last movement at 19:00 UTC yesterday; the sensor has reported "no motion" since.
         quiet = [(NOW - k * 10 * MIN, 0.0) for k in range(1, 40)]
         readings(conn, elder_id, "motion", [(datetime(2024, 6, 2, 19, 0, tzinfo=UTC), 1.0), *quiet])
     report = ScheduledRules(RULES).absence(conn, NOW)
-    assert report.counts["alert_opened"] == 1
+    assert report.counts["alert_opened"] == 2
+    [(_, _, _, _, _, still)] = alerts(conn, "e-still")
+    assert still["last_activity"] is None and still["sensor"]["metric"] == "motion"
     [(rule, severity, _, _, route, evidence)] = alerts(conn, "e-sh")
     assert (rule, severity, route) == ("inactivity", "urgent", "urgent")
     assert (evidence["silent_since_local"], evidence["last_activity"]["local_time"]) == ("08:00", "03:00")
