@@ -483,8 +483,10 @@ def elders_checkup(
     day = f"{when.astimezone(zone):%Y-%m-%d %H:%M}"
     if done.checkup_id is None:
         typer.echo(f"the check-up of {elder_id} at {day} is recorded already")
+    elif done.covered_by is not None:
+        typer.echo(f"check-up of {elder_id} at {day} recorded; a newer check-up's task covers it")
     elif done.task_due is None:
-        typer.echo(f"check-up of {elder_id} at {day} recorded; no new task (a newer check-up's is open)")
+        typer.echo(f"check-up of {elder_id} at {day} recorded; the elder's rules give no results task")
     else:
         due = f"{done.task_due.astimezone(zone):%Y-%m-%d}"
         typer.echo(f"check-up of {elder_id} at {day} recorded; task inform_checkup_results due {due}")

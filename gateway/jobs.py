@@ -378,11 +378,13 @@ class CheckupRecorded:
     #: None: that check-up (elder, time) was recorded already; nothing else happened.
     checkup_id: int | None
     #: The follow-up alert and its task's due time; None when the elder's rules have no
-    #: check-up rule, or a newer check-up's task is still open.
+    #: check-up rule, or a newer check-up's alert is active (``covered_by``).
     alert_id: UUID | None = None
     task_due: datetime | None = None
     #: The previous check-up's alert, closed by this one.
     replaced: UUID | None = None
+    #: The active alert of a newer check-up, whose task covers this older one.
+    covered_by: UUID | None = None
 
 
 def record_checkup(
@@ -415,7 +417,8 @@ def record_checkup(
         persist_scheduled(cur, decisions, now, actor="rules:checkup")
         opened = next((d for d in decisions if isinstance(d, OpenAlert)), None)
         if opened is None:
-            return CheckupRecorded(checkup_id)
+            newer = active.get(rule.id)
+            return CheckupRecorded(checkup_id, covered_by=None if newer is None else newer.id)
         link_checkup(cur, checkup_id, opened.alert_id)
         replaced = next((d.alert_id for d in decisions if isinstance(d, follow_up_rules.AutoClose)), None)
         due = opened.task.due_at if opened.task else None

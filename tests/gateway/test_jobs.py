@@ -329,6 +329,8 @@ def test_a_checkup_gives_a_results_task_and_overdue_it_escalates_to_the_team_lea
 
     newer = record_checkup(conn, RULES, "e-1", NOW - DAY, "nurse-1", NOW)
     assert newer.replaced == done.alert_id
+    older = record_checkup(conn, RULES, "e-1", NOW - 60 * DAY, "nurse-1", NOW)
+    assert (older.alert_id, older.covered_by) == (None, newer.alert_id)
     assert [t[1] for t in tasks(conn, "e-1", "inform_checkup_results")] == ["cancelled", "open"]
     assert one(conn, "SELECT alert_id FROM checkups WHERE at = %s", NOW - DAY) == newer.alert_id
 
