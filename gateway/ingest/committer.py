@@ -14,6 +14,14 @@ arrival order and a batch is never acked before an earlier one commits. Only pla
 overlap (unflagged readings only: no rejection, status or event, and a batch step that allows
 it): any other batch waits until every earlier batch is reported,
 so per-device budgets, status order and the rules see batches one at a time as before.
+
+The emergency lane: a message that must not wait (an event, an emergency reading) ends the
+batch being gathered *before* it and goes in a batch of its own. A batch of plain events
+(no rejection, status or flag) may then be written beside the plain reading batches in
+flight instead of after them: the rules read events for event rules and readings for
+threshold rules, never one for the other, and lock each elder while deciding, so the order
+between a reading batch and an event batch does not change any decision. Two event batches
+never overlap (a recovery must be decided after its fall). Its report still waits its turn.
 """
 
 from __future__ import annotations
@@ -52,8 +60,12 @@ log = logging.getLogger(__name__)
 STATS_EVERY_S = 30.0
 #: Publish-to-commit lag is sampled for one message in this many.
 LAG_SAMPLE = 4
-#: Batches in the database at once (each on its own pooled connection).
+#: Reading batches in the database at once (each on its own pooled connection) ...
 PIPELINE_DEPTH = 2
+#: ... and beside them, at most one event batch (the emergency lane).
+CONNECTIONS = PIPELINE_DEPTH + 1
+#: Kinds of batch: written alone after every earlier one, or beside others.
+SERIAL, READINGS, EVENTS = "serial", "readings", "events"
 #: Rejections that a registration made a moment ago could turn into acceptance.
 REGISTRY_REASONS = frozenset({UNKNOWN_DEVICE, NOT_ATTACHED_TO_HUB})
 
@@ -109,8 +121,8 @@ class Committer:
         self.store = Store.known(
             settings.database_url,
             flavour or store_flavour(settings.database_url),
-            min_size=PIPELINE_DEPTH,
-            max_size=PIPELINE_DEPTH,
+            min_size=CONNECTIONS,
+            max_size=CONNECTIONS,
             name="ingest-writer",
         )
         self.writer = BatchWriter(
@@ -124,13 +136,15 @@ class Committer:
         self._totals = BatchResult()
         # A step keeping state between batches must see them one at a time.
         self._overlap = getattr(step, "concurrent_batches", step is None)
-        self._writers = ThreadPoolExecutor(PIPELINE_DEPTH, thread_name_prefix="committer-write")
+        self._writers = ThreadPoolExecutor(CONNECTIONS, thread_name_prefix="committer-write")
         self._slots = threading.Semaphore(PIPELINE_DEPTH)
         self._turn = threading.Condition()  # guards the three below and the outbound pipe
         self._submitted = 0  # batches handed out (main thread)
         self._reported = 0  # batches reported, in order
         self._failed = False  # a batch gave up: nothing after it may be reported
         self._outage = False  # one warning per database outage, whichever writer sees it
+        self._events_in_flight = 0  # event batches being written (at most one)
+        self._held: Received | None = None  # the urgent message that ended the last batch
 
     def run(self) -> None:
         """Commit until the receiver says DRAIN (then answer DONE) or goes away."""
@@ -182,10 +196,14 @@ class Committer:
         The flag is true when the receiver's DRAIN was reached: nothing more will come.
         """
         s = self.settings
-        try:
-            first = self.queue.get(timeout=0.2)
-        except queue.Empty:
-            return [], False
+        first: Received | None
+        if self._held is not None:  # an urgent message that ended the previous batch
+            first, self._held = self._held, None
+        else:
+            try:
+                first = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                return [], False
         if first is None:
             return [], True
         batch = [first]
@@ -197,10 +215,12 @@ class Committer:
                     item = self.queue.get_nowait()
                     if item is None:
                         return batch, True
-                    batch.append(item)
                     if item.interp.immediate:
-                        urgent = True
-                        break
+                        # The emergency lane: what came before goes now, the urgent one next,
+                        # in a batch of its own that need not wait behind reading batches.
+                        self._held = item
+                        return batch, False
+                    batch.append(item)
             remaining = deadline - time.monotonic()
             if urgent or len(batch) >= s.batch_size or remaining <= 0:
                 break
@@ -210,38 +230,59 @@ class Committer:
 
     # ---- committing ---------------------------------------------------------------------
 
-    def _overlaps(self, batch: list[Received]) -> bool:
-        """True if the batch may be written while another is (readings only, see module doc)."""
+    def _kind(self, batch: list[Received]) -> str:
+        """'readings' or 'events' for a plain batch that may overlap others, else 'serial'."""
         if not self._overlap:
-            return False
+            return SERIAL
+        readings = events = False
         for item in batch:
             it = item.interp
             # Flagged readings go in a second COPY: two marks statements could deadlock.
-            if it.rejections or it.statuses or it.events or any(r.flags for r in it.readings):
-                return False
-        return True
+            if it.rejections or it.statuses or any(r.flags for r in it.readings):
+                return SERIAL
+            if any(e.flags for e in it.events):
+                return SERIAL
+            readings = readings or bool(it.readings)
+            events = events or bool(it.events)
+        if readings and events:
+            return SERIAL
+        return EVENTS if events else READINGS
 
     def _submit(self, batch: list[Received]) -> bool:
         """Write the batch beside the one in flight, or alone after it; False once one gave up."""
         seq = self._submitted
         self._submitted += 1
-        if not self._overlaps(batch):
+        kind = self._kind(batch)
+        if kind == SERIAL:
             return self._wait_reported(seq) and self._commit(batch, seq)
-        self._slots.acquire()  # meanwhile the queue fills: the next batch is a full one
-        if self._failed:
-            self._slots.release()
-            return False
-        self._writers.submit(self._commit_released, batch, seq)
+        if kind == EVENTS:
+            with self._turn:  # never beside another event batch; no reading batch's slot
+                while self._events_in_flight and not self._failed:
+                    self._turn.wait(0.5)
+                if self._failed:
+                    return False
+                self._events_in_flight += 1
+        else:
+            self._slots.acquire()  # meanwhile the queue fills: the next batch is a full one
+            if self._failed:
+                self._slots.release()
+                return False
+        self._writers.submit(self._commit_released, batch, seq, kind)
         return True
 
-    def _commit_released(self, batch: list[Received], seq: int) -> None:
+    def _commit_released(self, batch: list[Received], seq: int, kind: str = READINGS) -> None:
         try:
             self._commit(batch, seq)
         except BaseException:
             log.exception("batch writer failed; stopping")
             self._give_up()
         finally:
-            self._slots.release()
+            if kind == EVENTS:
+                with self._turn:
+                    self._events_in_flight -= 1
+                    self._turn.notify_all()
+            else:
+                self._slots.release()
 
     def _wait_reported(self, upto: int | None = None) -> bool:
         """Wait until every batch before ``upto`` (default: all) is reported; False if one gave up."""
