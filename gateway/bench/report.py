@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -24,9 +25,11 @@ def fmt_rate(x: float | None) -> str:
 
 
 def fmt_seconds(x: float | None) -> str:
-    """A duration in ms below 10 s, else in s (``—`` for none)."""
+    """A duration in ms below 10 s, else in s (``—`` for none, ``never`` for infinity)."""
     if x is None:
         return "—"
+    if math.isinf(x):
+        return "never"
     return f"{x * 1000:,.0f} ms" if x < 10 else f"{x:,.1f} s"
 
 

@@ -33,7 +33,14 @@ from rich.table import Table
 from eldercare.gateway.bench.broker import BenchBroker
 from eldercare.gateway.bench.cohort import count_breaches, set_care_plans, write_history
 from eldercare.gateway.bench.database import bench_database, count_rows
-from eldercare.gateway.bench.emergency import Presser, SosPlan, SosResult, register_sos_devices, sos_devices
+from eldercare.gateway.bench.emergency import (
+    SETTLE_S,
+    Presser,
+    SosPlan,
+    SosResult,
+    register_sos_devices,
+    sos_devices,
+)
 from eldercare.gateway.bench.ingest import VariantRun
 from eldercare.gateway.bench.machine import machine_info
 from eldercare.gateway.bench.options import BenchOptions, StepResult, VariantResult
@@ -365,7 +372,7 @@ def print_summary(console: Console, result: RulesResult) -> None:
             f"(target ≥ {TARGET_RATIO}: {'[green]met[/]' if met else '[red]missed[/]'})"
         )
     for r in runs:
-        if r.profile:
+        if r.profile.get("rules step", 0) > r.profile.get("batch writer", 0) / 100:
             top = sorted(
                 ((k, v) for k, v in r.profile.items() if k not in ("batch writer", "rules step")),
                 key=lambda kv: -kv[1],
@@ -414,7 +421,10 @@ def _print_sos(console: Console, result: RulesResult) -> None:
         x = s.presses.quantiles(name)
         return f"{fmt_seconds(x.get('p50'))} / {fmt_seconds(x.get('p99'))}" if x else "—"
 
-    row("presses committed", lambda s: f"{len(s.presses.committed)}/{len(s.presses.presses)}")
+    row(
+        f"presses committed (never: not within {SETTLE_S:.0f} s of the last)",
+        lambda s: f"{len(s.presses.committed)}/{len(s.presses.presses)}",
+    )
     for q in ("p50", "p90", "p99", "max"):
         row(f"publish → committed {q}", partial(_quantile_cell, q))
     row("  publish → worker p50 / p99", lambda s: part(s, "to_worker"))

@@ -223,3 +223,13 @@ def test_callee_shares_split_a_callers_samples_by_what_it_called() -> None:
         40,
         {"load_history": 30, "(itself)": 10},
     )
+
+
+def test_an_sos_press_never_seen_committed_counts_as_infinitely_late() -> None:
+    from eldercare.gateway.bench.emergency import Press, SosResult
+
+    presses = [Press("d", "e", f"m{i}", 100.0, 100.0 + 0.01 * (i + 1), 100.001, 100.005) for i in range(3)]
+    result = SosResult((*presses, Press("d", "e", "m9", 100.0, None)), "idle")
+    total = result.quantiles()
+    assert total["p50"] == pytest.approx(0.02) and total["max"] == float("inf")
+    assert result.quantiles("to_worker")["max"] == pytest.approx(0.001)  # parts: presses seen through
