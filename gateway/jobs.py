@@ -10,7 +10,7 @@ function of the store and an injected ``now``. A run goes through the elders in 
    which changes nothing: see 5).
 2. The chunk's care plans (``ElderRules``, cached per plan), active alerts and resolutions,
    and the facts the rules ask for, one query per rule kind (``gateway/store/scans.py``).
-3. The pure decisions (``alerts/absence_rules.py``, ``alerts/trend_rules.py``, ``alerts/follow_up_rules.py``).
+3. The pure decisions (``alerts/absence.py``, ``alerts/trends.py``, ``alerts/followups.py``).
 4. For the elders with something to write: their alert locks (``lock_elders``, as the ingest
    path and the timers take them), their alerts read again, the decisions made again on the
    same facts, and written (``persist_scheduled``, actor ``rules:schedule``).
@@ -33,7 +33,6 @@ import psycopg
 from eldercare.alerts import absence as absence_rules
 from eldercare.alerts import followups as follow_up_rules
 from eldercare.alerts import trends as trend_rules
-from eldercare.alerts.careplan import CarePlan, CarePlanError, effective_rules, parse_care_plan
 from eldercare.alerts.decisions import OpenAlert, Suppressed
 from eldercare.alerts.followups import ScheduledDecision
 from eldercare.alerts.lifecycle import ElderAlerts
@@ -41,6 +40,7 @@ from eldercare.alerts.rules import CheckupResultsRule, PeriodicFollowUpRule, Rul
 from eldercare.alerts.scheduled import Elder
 from eldercare.gateway.store import alerts as store
 from eldercare.gateway.store import scans, timers
+from eldercare.gateway.store.elder_rules import ElderRules, PlannedRules
 from eldercare.gateway.store.flavour import Flavour
 from eldercare.gateway.store.scheduled import insert_checkup, link_checkup, persist_scheduled
 
@@ -55,72 +55,6 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F")
 NewId = Callable[[], UUID]
-
-
-@dataclass(frozen=True, slots=True)
-class Planned:
-    """An elder's care plan (the defaults without one), its effective rules, and when it was set."""
-
-    plan: CarePlan
-    rules: RuleSet
-    updated_at: datetime | None
-
-
-class CarePlans:
-    """Each elder's plan and effective rules, a plan read and applied again only when its
-    ``updated_at`` changed (``effective_rules`` costs about a millisecond; many elders share
-    a plan, whose rules are kept once)."""
-
-    def __init__(self, rule_set: RuleSet) -> None:
-        self.rule_set = rule_set
-        self._by_plan: dict[CarePlan, RuleSet] = {}
-        self._by_elder: dict[str, Planned] = {}
-
-    def load(self, cur: psycopg.Cursor[Any], elder_ids: Collection[str]) -> dict[str, Planned]:
-        """The elders' plans and rules (two queries at most)."""
-        cur.execute(
-            "SELECT elder_id, updated_at FROM care_plans WHERE elder_id = ANY(%s)", (list(elder_ids),)
-        )
-        stamps: dict[str, datetime] = dict(cur.fetchall())
-        known = self._by_elder
-        changed = [e for e, at in stamps.items() if e not in known or known[e].updated_at != at]
-        if changed:
-            cur.execute(
-                "SELECT elder_id, plan, updated_at FROM care_plans WHERE elder_id = ANY(%s)", (changed,)
-            )
-            for elder_id, data, updated_at in cur.fetchall():
-                plan = self._parse(elder_id, data)
-                known[elder_id] = Planned(plan, self._rules(plan, elder_id), updated_at)
-        out = {}
-        for elder_id in elder_ids:
-            if elder_id not in stamps and (elder_id not in known or known[elder_id].updated_at is not None):
-                known[elder_id] = Planned(CarePlan(), self._rules(CarePlan(), elder_id), None)
-            out[elder_id] = known[elder_id]
-        return out
-
-    def _rules(self, plan: CarePlan, elder_id: str) -> RuleSet:
-        rules = self._by_plan.get(plan)
-        if rules is None:
-            try:
-                rules = effective_rules(self.rule_set, plan, source=f"care plan of {elder_id}")
-            except CarePlanError as exc:
-                log.warning(
-                    "care plan does not fit the rule set; default rules apply",
-                    extra={"elder_id": elder_id, "problems": [str(p) for p in exc.problems]},
-                )
-                rules = effective_rules(self.rule_set, CarePlan(timezone=plan.timezone))
-            self._by_plan[plan] = rules
-        return rules
-
-    def _parse(self, elder_id: str, data: Any) -> CarePlan:
-        try:
-            return parse_care_plan(data)
-        except CarePlanError as exc:
-            log.warning(
-                "stored care plan does not validate; defaults apply",
-                extra={"elder_id": elder_id, "problems": [str(p) for p in exc.problems]},
-            )
-            return CarePlan()
 
 
 @dataclass(slots=True)
@@ -162,7 +96,7 @@ class ScheduledRules:
         self.flavour: Flavour = flavour
         self.chunk_size = chunk_size
         self.new_id = new_id
-        self.plans = CarePlans(rule_set)
+        self.plans = ElderRules(rule_set)
 
     # ---- the jobs ------------------------------------------------------------------------
 
@@ -229,7 +163,7 @@ class ScheduledRules:
         report.changed += len(touched)
 
     def _contexts(
-        self, cur: psycopg.Cursor[Any], plans: Mapping[str, Planned], ids: Collection[str], now: datetime
+        self, cur: psycopg.Cursor[Any], plans: Mapping[str, PlannedRules], ids: Collection[str], now: datetime
     ) -> dict[str, Elder]:
         active = store.active_alerts(cur, ids)
         resolved = store.recently_resolved(cur, ids, now - RESOLVED_LOOKBACK)
@@ -407,7 +341,7 @@ def record_checkup(
         if checkup_id is None:
             return CheckupRecorded(None)
         store.lock_elders(cur, [elder_id])
-        cached = CarePlans(rule_set).load(cur, [elder_id])[elder_id]
+        cached = ElderRules(rule_set).load(cur, [elder_id])[elder_id]
         rule = next((r for r in cached.rules.schedules if isinstance(r, CheckupResultsRule)), None)
         if rule is None:
             return CheckupRecorded(checkup_id)

@@ -16,16 +16,13 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 import psycopg
 
 from eldercare.alerts import engine
-from eldercare.alerts.careplan import CarePlan, CarePlanError, effective_rules, parse_care_plan
 from eldercare.alerts.decisions import timer_kind
 from eldercare.alerts.engine import ElderContext
 from eldercare.alerts.lifecycle import ElderAlerts
@@ -34,88 +31,11 @@ from eldercare.alerts.timers import TimerRunner
 from eldercare.gateway.ingest import metrics
 from eldercare.gateway.settings import Settings
 from eldercare.gateway.store import alerts as store
+from eldercare.gateway.store.elder_rules import ElderRules, PlannedRules
 from eldercare.gateway.store.timers import Timer
 from eldercare.gateway.store.writer import BatchStep, StoredBatch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Cached:
-    updated_at: datetime | None
-    plan: CarePlan
-    rules: RuleSet
-    quiet: engine.QuietBands
-    #: The elder's context for the scan while they have no active alert (the scan only reads
-    #: it), kept instead of built for every batch.
-    idle: ElderContext | None = None
-
-
-@dataclass(slots=True)
-class ElderRules:
-    """Each elder's effective rules: the rule set adjusted by their care plan.
-
-    ``effective_rules`` costs about a millisecond, so results are kept per plan (many elders
-    share one) and per elder until their plan's ``updated_at`` changes, which one query per
-    batch checks. An elder without a plan gets the rule set's defaults.
-    """
-
-    rule_set: RuleSet
-    _by_plan: dict[CarePlan, tuple[RuleSet, engine.QuietBands]] = field(default_factory=dict)
-    _by_elder: dict[str, _Cached] = field(default_factory=dict)
-    _warned: set[str] = field(default_factory=set)
-
-    def for_plan(self, plan: CarePlan, elder_id: str = "") -> tuple[RuleSet, engine.QuietBands]:
-        """The rules for a plan and their quiet bands (cached); the plain rule set if the plan
-        does not fit it."""
-        known = self._by_plan.get(plan)
-        if known is None:
-            try:
-                rules = effective_rules(self.rule_set, plan, source=f"care plan of {elder_id}")
-            except CarePlanError as exc:
-                if elder_id not in self._warned:
-                    self._warned.add(elder_id)
-                    log.warning(
-                        "care plan does not fit the rule set; default rules apply",
-                        extra={"elder_id": elder_id, "problems": [str(p) for p in exc.problems]},
-                    )
-                rules = effective_rules(self.rule_set, CarePlan(timezone=plan.timezone))
-            known = self._by_plan[plan] = (rules, engine.quiet_bands(rules, plan))
-        return known
-
-    def load(
-        self, cur: psycopg.Cursor[Any], elder_ids: Collection[str], stamps: Mapping[str, datetime]
-    ) -> dict[str, _Cached]:
-        """The elders' plans and rules, reading a plan again only when its stamp (when it was
-        last set, from ``store.elders_at_a_glance``) changed."""
-        known = self._by_elder
-        changed = [e for e, at in stamps.items() if e not in known or known[e].updated_at != at]
-        if changed:
-            cur.execute(
-                "SELECT elder_id, plan, updated_at FROM care_plans WHERE elder_id = ANY(%s)", (changed,)
-            )
-            for elder_id, data, updated_at in cur.fetchall():
-                plan = self._parse(elder_id, data)
-                self._by_elder[elder_id] = _Cached(updated_at, plan, *self.for_plan(plan, elder_id))
-        out = {}
-        for elder_id in elder_ids:
-            cached = self._by_elder.get(elder_id)
-            if elder_id not in stamps and (cached is None or cached.updated_at is not None):
-                plan = CarePlan()  # no plan (or no longer one): the defaults
-                cached = self._by_elder[elder_id] = _Cached(None, plan, *self.for_plan(plan))
-            if cached is not None:
-                out[elder_id] = cached
-        return out
-
-    def _parse(self, elder_id: str, data: Any) -> CarePlan:
-        try:
-            return parse_care_plan(data if isinstance(data, dict) else orjson.loads(data))
-        except CarePlanError as exc:
-            log.warning(
-                "stored care plan does not validate; defaults apply",
-                extra={"elder_id": elder_id, "problems": [str(p) for p in exc.problems]},
-            )
-            return CarePlan()
 
 
 def _longest_cooldown(rule_set: RuleSet) -> timedelta:
@@ -123,7 +43,7 @@ def _longest_cooldown(rule_set: RuleSet) -> timedelta:
 
 
 def _contexts(
-    cached: Mapping[str, _Cached],
+    cached: Mapping[str, PlannedRules],
     active: Mapping[str, Mapping[str, Any]],
     resolved: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, ElderContext]:
@@ -141,7 +61,7 @@ def _contexts(
 
 
 def _scan_contexts(
-    cached: Mapping[str, _Cached], active: Mapping[str, Mapping[str, Any]]
+    cached: Mapping[str, PlannedRules], active: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, ElderContext]:
     """Contexts to scan with: those of elders without an active alert are reused batch to batch."""
     out = {}

@@ -217,7 +217,9 @@ class Persisted:
 def describe(match: Match) -> str:
     """One line of why: what matched, its value or event, and when (for history and logs)."""
     ev = match.evidence
-    if "event" in ev:
+    if ev.get("summary"):
+        text = str(ev["summary"])
+    elif "event" in ev:
         text = f"{ev['event']} at {ev.get('local_time', '?')} local"
         if ev.get("unanswered"):
             text += f", no {'/'.join(ev['unanswered'])} within {int(ev.get('waited_s', 0))} s"
@@ -407,17 +409,13 @@ def _clear(cur: psycopg.Cursor[Any], d: ClearCondition, now: datetime, actor: st
         " evidence = evidence || jsonb_build_object('cleared', %s::jsonb) WHERE id = %s",
         (now, _json({"at": d.at.isoformat(), **d.evidence}), d.alert_id),
     )
-    margin = d.evidence.get("margin", 0)
+    if "reason" in d.evidence:  # the scheduled rules say why in their own words
+        why = f"condition cleared: {d.evidence['reason']}"
+    else:
+        margin, window = float(d.evidence.get("margin", 0)), int(d.evidence.get("window_s", 0))
+        why = f"back inside the band by {margin:.0%} for {window} s"
     _history(
-        cur,
-        d.alert_id,
-        now,
-        actor,
-        d.from_state,
-        "condition_cleared",
-        str(d.severity),
-        str(d.severity),
-        f"back inside the band by {float(margin):.0%} for {int(d.evidence.get('window_s', 0))} s",
+        cur, d.alert_id, now, actor, d.from_state, "condition_cleared", str(d.severity), str(d.severity), why
     )
 
 

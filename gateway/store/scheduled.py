@@ -28,9 +28,8 @@ from typing import Any
 from uuid import UUID
 
 import psycopg
-from psycopg.types.json import Jsonb
 
-from eldercare.alerts.decisions import ACTIVE_STATES, ClearCondition, Decision
+from eldercare.alerts.decisions import ACTIVE_STATES, Decision
 from eldercare.alerts.followups import AutoClose, EscalateTask, MoveTaskDue, ScheduledDecision
 from eldercare.gateway.store import alerts as store
 
@@ -71,10 +70,6 @@ def persist_scheduled(
                 escalated = _escalate(cur, d, now, actor)
                 counts["task_escalated"] += escalated
                 notify = notify or bool(escalated and d.alert_id)
-            case ClearCondition() if "reason" in d.evidence:
-                flush()
-                _clear(cur, d, now, actor)
-                counts["condition_cleared"] += 1
             case _:
                 batch.append(d)
     flush()
@@ -98,16 +93,6 @@ def _history(
         " to_severity, reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
         (alert_id, now, actor, from_state, to_state, severity, severity, reason),
     )
-
-
-def _clear(cur: psycopg.Cursor[Any], d: ClearCondition, now: datetime, actor: str) -> None:
-    cur.execute(
-        "UPDATE alerts SET state = 'condition_cleared', updated_at = %s,"
-        " evidence = evidence || jsonb_build_object('cleared', %s::jsonb) WHERE id = %s",
-        (now, Jsonb({"at": d.at.isoformat(), **d.evidence}), d.alert_id),
-    )
-    reason = f"condition cleared: {d.evidence['reason']}"
-    _history(cur, d.alert_id, now, actor, d.from_state, "condition_cleared", str(d.severity), reason)
 
 
 def _auto_close(cur: psycopg.Cursor[Any], d: AutoClose, now: datetime, actor: str) -> None:
