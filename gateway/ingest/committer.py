@@ -15,7 +15,8 @@ overlap (unflagged readings only: no rejection, status or event, and a batch ste
 it): any other batch waits until every earlier batch is reported,
 so per-device budgets, status order and the rules see batches one at a time as before.
 
-The emergency lane: a message that must not wait (an event, an emergency reading) ends the
+The emergency lane: a message that must not wait (an event, a reading in the catalog's
+emergency band: one that alone raises an emergency) ends the
 batch being gathered *before* it and goes in a batch of its own. A batch of plain events
 (no rejection, status or flag) may then be written beside the plain reading batches in
 flight instead of after them: the rules read events for event rules and readings for

@@ -115,3 +115,12 @@ def test_local_hours_are_the_elders_and_both_edges_hold(rule: EventRule, zone: s
             for local, inside in local_edges(level.during):
                 expected = str(level.severity) if inside else str(rule.severity)
                 assert event_severity(rule, kind, local, zone) == expected, (local, zone)
+
+
+def test_every_emergency_one_reading_raises_flushes_its_batch() -> None:
+    """The catalog's emergency bands (batch flush) cover the single-reading emergencies."""
+    catalog = RULES.catalog
+    for rule in RULES.thresholds:
+        if rule.severity == "emergency" and not rule.window:
+            for c in rule.any:
+                assert catalog.metrics[c.metric].in_emergency_band(just_past(c)), (rule.id, str(c))

@@ -57,16 +57,13 @@ def test_alternative_units_convert_to_the_canonical_unit() -> None:
 
 def test_emergency_bands_follow_the_rules_spec() -> None:
     metrics = load_catalog().metrics
-    assert (metrics["spo2"].emergency_below, metrics["spo2"].emergency_above) == (85, None)
-    assert (metrics["heart_rate"].emergency_below, metrics["heart_rate"].emergency_above) == (35, 150)
+    banded = {name for name, m in metrics.items() if m.emergency_below is not None or m.emergency_above}
+    assert banded == {"blood_glucose"}  # one reading raises hypoglycaemia_severe; the rest are sustained
     assert metrics["blood_glucose"].emergency_below == 3.0
-    assert metrics["spo2"].in_emergency_band(84.9)
-    assert not metrics["spo2"].in_emergency_band(85)
-    assert metrics["heart_rate"].in_emergency_band(151)
-    assert not metrics["heart_rate"].in_emergency_band(150)
+    assert metrics["blood_glucose"].in_emergency_band(2.9)
+    assert not metrics["blood_glucose"].in_emergency_band(3.0)
+    assert not metrics["heart_rate"].in_emergency_band(151)
     assert not metrics["steps"].in_emergency_band(0)
-    banded = {n for n, m in metrics.items() if m.emergency_below or m.emergency_above}
-    assert banded == {"spo2", "heart_rate", "blood_glucose"}
 
 
 def test_plausible_range_is_inclusive() -> None:
