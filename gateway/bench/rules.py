@@ -146,10 +146,11 @@ class RulesResult:
     seconds: float
 
     def ratio(self, figure: str) -> float | None:
-        """The first rules-on run's figure over the mean of the rules-off runs ('drain', 'sustained')."""
+        """Mean of the rules-on runs' figure over the mean of the rules-off runs' ('drain',
+        'sustained'): alternate them (off,default,off,default) on a machine whose load moves."""
         off = [x for r in self.runs if r.setting == "off" and (x := _figure(r, figure))]
         on = [x for r in self.runs if r.setting != "off" and (x := _figure(r, figure))]
-        return on[0] / (sum(off) / len(off)) if off and on else None
+        return (sum(on) / len(on)) / (sum(off) / len(off)) if off and on else None
 
     def to_json(self) -> str:
         data = asdict(self)
