@@ -249,11 +249,13 @@ _NEWS2_QUIET = {
 
 
 def _news2_scores(ctx: ElderContext, r: Reading) -> bool:
-    """True when the reading's own NEWS2 parameter may score (or a NEWS2 alert is active).
+    """True when the reading's own NEWS2 parameter may score.
 
-    On the hot path: a table lookup, not a NEWS2 computation.
+    On the hot path: a table lookup, not a NEWS2 computation. A reading that scores 0 can
+    neither raise nor upgrade a NEWS2 alert, also when one is open (NEWS2 alerts do not clear
+    by hysteresis: staff resolve them).
     """
-    if "news2" in ctx.alerts.active or ctx.plan.on_oxygen:
+    if ctx.plan.on_oxygen:
         return True  # on oxygen, every reading may count (the oxygen itself scores 2)
     quiet = _NEWS2_QUIET[ctx.plan.spo2_scale_under(ctx.rules)][r.metric]
     value = r.value

@@ -43,10 +43,11 @@ from eldercare.alerts.engine import History, Lookup
 from eldercare.alerts.rules import Severity
 from eldercare.gateway.store import timers
 
-#: NOTIFY channel the dispatcher listens on; the payload is the alert id.
+#: NOTIFY channel the dispatcher listens on; the payload is the number of outbox rows written.
 OUTBOX_CHANNEL = "eldercare_outbox"
 _ACTIVE = sorted(ACTIVE_STATES)
-#: Readings a window lookup returns at most (a window of minutes holds a handful).
+#: Readings a window lookup returns at most, the newest (a window of minutes holds a handful;
+#: a device sending several a second fills it, and the oldest are left out).
 SERIES_LIMIT = 5_000
 
 
@@ -157,7 +158,7 @@ def load_history(cur: psycopg.Cursor[Any], series: Sequence[Lookup], events: Seq
             " CROSS JOIN LATERAL (SELECT time, value FROM observations o"
             "   WHERE o.elder_id = w.elder_id AND o.metric = w.metric"
             "     AND o.time >= w.start AND o.time <= w.stop AND NOT ('clock_skew' = ANY(o.flags))"
-            "   ORDER BY o.time LIMIT %s) AS o"
+            "   ORDER BY o.time DESC LIMIT %s) AS o"  # the newest: the reading judged is among them
             " ORDER BY 1, 2, 3",
             (*_columns(series), SERIES_LIMIT),
         )
