@@ -108,12 +108,15 @@ def _is_quiet(band: tuple[float, bool, float, bool], value: float) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Lookup:
-    """History the decision needs: one elder's readings of a metric, or events of a kind, in a span."""
+    """History the decision needs: one elder's readings of a metric, or events of a kind, in
+    [start, end]; with ``since``, also the newest reading in [since, start) (the NEWS2 view:
+    the latest value of each parameter, not every reading of 15 minutes)."""
 
     elder_id: str
     name: str  # a metric, or an event kind
     start: datetime
     end: datetime
+    since: datetime | None = None
 
 
 @dataclass(slots=True)
@@ -131,6 +134,8 @@ class Scan:
 
     elders: dict[str, ElderScan] = field(default_factory=dict)
     series: dict[tuple[str, str], tuple[datetime, datetime]] = field(default_factory=dict)
+    latest: dict[tuple[str, str], tuple[datetime, datetime]] = field(default_factory=dict)
+    latest_age: timedelta = timedelta(0)
     event_spans: dict[tuple[str, str], tuple[datetime, datetime]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -144,10 +149,17 @@ class Scan:
         """Ask for the elder's events of ``kind`` in [start, end] (spans merge)."""
         _widen(self.event_spans, (elder_id, kind), start, end)
 
+    def need_latest(self, elder_id: str, metric: str, at: datetime, max_age: timedelta) -> None:
+        """Ask for the elder's latest reading of ``metric`` at ``at`` (no older than ``max_age``)."""
+        _widen(self.latest, (elder_id, metric), at, at)
+        self.latest_age = max(self.latest_age, max_age)
+
     def lookups(self) -> tuple[list[Lookup], list[Lookup]]:
         """(series lookups, event lookups) for the store to answer."""
+        age = self.latest_age
         return (
-            [Lookup(e, m, s, t) for (e, m), (s, t) in sorted(self.series.items())],
+            [Lookup(e, m, s, t) for (e, m), (s, t) in sorted(self.series.items())]
+            + [Lookup(e, m, s, t, s - age) for (e, m), (s, t) in sorted(self.latest.items())],
             [Lookup(e, k, s, t) for (e, k), (s, t) in sorted(self.event_spans.items())],
         )
 
@@ -220,7 +232,7 @@ def _scan_reading(out: Scan, ctx: ElderContext, r: Reading) -> None:
         scan_elder = out.elders.setdefault(ctx.elder_id, ElderScan())
         scan_elder.news2_at.append(r.time)
         for metric in NEWS2_METRICS:
-            out.need_series(ctx.elder_id, metric, r.time - news2_rule.max_age, r.time)
+            out.need_latest(ctx.elder_id, metric, r.time, news2_rule.max_age)
     if wanted:
         out.elders.setdefault(ctx.elder_id, ElderScan()).readings.append(r)
 

@@ -164,16 +164,20 @@ class Replay:
         return out
 
     def _history(self, series: Sequence[Lookup], events: Sequence[Lookup]) -> History:
-        points = {}
+        points: dict[tuple[str, str], set[tuple[datetime, float]]] = {}
         for s in series:
-            points[(s.elder_id, s.name)] = sorted(
+            mine = sorted(
                 (r.time, r.value)
                 for r in self.readings
                 if r.elder_id == s.elder_id
                 and r.metric == s.name
-                and s.start <= r.time <= s.end
                 and "clock_skew" not in r.flags
+                and (s.since or s.start) <= r.time <= s.end
             )
+            if s.since is not None:  # the span, and the newest reading before it
+                before = [p for p in mine if p[0] < s.start][-1:]
+                mine = before + [p for p in mine if p[0] >= s.start]
+            points.setdefault((s.elder_id, s.name), set()).update(mine)
         times = {}
         for e in events:
             times[(e.elder_id, e.name)] = sorted(
@@ -181,7 +185,7 @@ class Replay:
                 for ev in self.events
                 if ev.elder_id == e.elder_id and ev.kind == e.name and e.start <= ev.time <= e.end
             )
-        return History(points, times)
+        return History({k: sorted(v) for k, v in points.items()}, times)
 
     def _new_id(self) -> UUID:
         return next(self._ids)

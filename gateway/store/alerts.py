@@ -149,8 +149,9 @@ def _columns(lookups: Sequence[Lookup]) -> tuple[list[str], list[str], list[date
 
 def load_history(cur: psycopg.Cursor[Any], series: Sequence[Lookup], events: Sequence[Lookup]) -> History:
     """The readings and event times the engine asked for (clock-skewed data never feeds rules)."""
-    points: dict[tuple[str, str], list[tuple[datetime, float]]] = defaultdict(list)
-    if series:
+    points: dict[tuple[str, str], set[tuple[datetime, float]]] = defaultdict(set)
+    windows = [x for x in series if x.since is None]
+    if windows:
         cur.execute(
             "SELECT w.elder_id, w.metric, o.time, o.value"
             " FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[])"
@@ -158,12 +159,29 @@ def load_history(cur: psycopg.Cursor[Any], series: Sequence[Lookup], events: Seq
             " CROSS JOIN LATERAL (SELECT time, value FROM observations o"
             "   WHERE o.elder_id = w.elder_id AND o.metric = w.metric"
             "     AND o.time >= w.start AND o.time <= w.stop AND NOT ('clock_skew' = ANY(o.flags))"
-            "   ORDER BY o.time DESC LIMIT %s) AS o"  # the newest: the reading judged is among them
-            " ORDER BY 1, 2, 3",
-            (*_columns(series), SERIES_LIMIT),
+            "   ORDER BY o.time DESC LIMIT %s) AS o",  # the newest: the reading judged is among them
+            (*_columns(windows), SERIES_LIMIT),
         )
         for elder_id, metric, at, value in cur:
-            points[(elder_id, metric)].append((at, value))
+            points[(elder_id, metric)].add((at, value))
+    latest = [x for x in series if x.since is not None]
+    if latest:
+        cur.execute(
+            "SELECT w.elder_id, w.metric, o.time, o.value"
+            " FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[],"
+            "   %s::timestamptz[]) AS w(elder_id, metric, start, stop, since)"
+            " CROSS JOIN LATERAL ("
+            "   (SELECT time, value FROM observations o WHERE o.elder_id = w.elder_id"
+            "     AND o.metric = w.metric AND o.time >= w.since AND o.time < w.start"
+            "     AND NOT ('clock_skew' = ANY(o.flags)) ORDER BY o.time DESC LIMIT 1)"
+            "   UNION ALL"
+            "   (SELECT time, value FROM observations o WHERE o.elder_id = w.elder_id"
+            "     AND o.metric = w.metric AND o.time >= w.start AND o.time <= w.stop"
+            "     AND NOT ('clock_skew' = ANY(o.flags)) ORDER BY o.time DESC LIMIT %s)) AS o",
+            (*_columns(latest), [x.since for x in latest], SERIES_LIMIT),
+        )
+        for elder_id, metric, at, value in cur:
+            points[(elder_id, metric)].add((at, value))
     times: dict[tuple[str, str], list[datetime]] = defaultdict(list)
     if events:
         cur.execute(
@@ -177,7 +195,7 @@ def load_history(cur: psycopg.Cursor[Any], series: Sequence[Lookup], events: Seq
         )
         for elder_id, kind, at in cur:
             times[(elder_id, kind)].append(at)
-    return History(dict(points), dict(times))
+    return History({k: sorted(v) for k, v in points.items()}, dict(times))
 
 
 # ---- writing decisions -----------------------------------------------------------------
