@@ -263,10 +263,14 @@ def persist(
 ) -> Persisted:
     """Write the decisions in the caller's transaction."""
     done = Persisted()
+    plain: dict[UUID, list[Match]] = {}
     for d in decisions:
         match d:
             case OpenAlert():
                 _open(cur, d, now, actor, done)
+            case AddEvidence() if not (d.confirm or d.reopen):
+                plain.setdefault(d.alert_id, []).append(d.match)  # one UPDATE for the batch
+                done.evidence += 1
             case AddEvidence():
                 _add_evidence(cur, d, now, actor)
                 done.evidence += 1
@@ -285,9 +289,30 @@ def persist(
                 done.timers_cancelled += int(timers.cancel(cur, d.kind, d.key, now))
             case Suppressed():
                 done.suppressed[d.reason.split(" ")[0].replace("-", "")] += 1
+    if plain:
+        _add_plain_evidence(cur, plain, now)
     if done.outbox:
         cur.execute("SELECT pg_notify(%s, %s)", (OUTBOX_CHANNEL, str(done.outbox)))
     return done
+
+
+def _add_plain_evidence(cur: psycopg.Cursor[Any], plain: dict[UUID, list[Match]], now: datetime) -> None:
+    """Further matches of active alerts, counted with the newest value and time: one UPDATE."""
+    ids, counts, times, values = [], [], [], []
+    for alert_id, matches in plain.items():
+        newest = max(matches, key=lambda m: m.observed_at)
+        ids.append(alert_id)
+        counts.append(len(matches))
+        times.append(newest.observed_at)
+        values.append(newest.value)
+    cur.execute(
+        "UPDATE alerts a SET matches = a.matches + e.n, updated_at = %s,"
+        " last_value = CASE WHEN e.at >= a.last_at THEN e.value ELSE a.last_value END,"
+        " last_at = greatest(a.last_at, e.at)"
+        " FROM unnest(%s::uuid[], %s::int[], %s::timestamptz[], %s::float8[]) AS e(id, n, at, value)"
+        " WHERE a.id = e.id",
+        (now, ids, counts, times, values),
+    )
 
 
 def _history(
@@ -366,10 +391,11 @@ def _open(cur: psycopg.Cursor[Any], d: OpenAlert, now: datetime, actor: str, don
 def _add_evidence(cur: psycopg.Cursor[Any], d: AddEvidence, now: datetime, actor: str) -> None:
     m = d.match
     cur.execute(
-        "UPDATE alerts SET matches = matches + 1, last_value = %s, last_at = greatest(last_at, %s),"
+        "UPDATE alerts SET matches = matches + 1,"
+        " last_value = CASE WHEN %s >= last_at THEN %s ELSE last_value END, last_at = greatest(last_at, %s),"
         " confirmed = confirmed OR %s, state = CASE WHEN %s THEN 'open' ELSE state END, updated_at = %s"
         " WHERE id = %s RETURNING severity",
-        (m.value, m.observed_at, d.confirm, d.reopen, now, d.alert_id),
+        (m.observed_at, m.value, m.observed_at, d.confirm, d.reopen, now, d.alert_id),
     )
     row = cur.fetchone()
     severity = row[0] if row else str(m.severity)
