@@ -36,6 +36,7 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -145,7 +146,11 @@ class Committer:
         self._failed = False  # a batch gave up: nothing after it may be reported
         self._outage = False  # one warning per database outage, whichever writer sees it
         self._events_in_flight = 0  # event batches being written (at most one)
-        self._held: Received | None = None  # the urgent message that ended the last batch
+        # Messages taken off the queue ahead of the next batch (the urgent one that ended the
+        # last batch, or what the emergency lane swept past), oldest first; None is DRAIN.
+        self._pending: deque[Received | None] = deque()
+        # Batches cut off by the emergency lane, with the sequence numbers they were given.
+        self._deferred: deque[tuple[list[Received], int]] = deque()
 
     def run(self) -> None:
         """Commit until the receiver says DRAIN (then answer DONE) or goes away."""
@@ -155,11 +160,13 @@ class Committer:
         last_stats = time.monotonic()
         try:
             while not self._receiver_gone.is_set():
+                if not self._submit_deferred():
+                    break
                 batch, last = self._next_batch()
                 if batch and not self._submit(batch):
                     break
                 if last:
-                    if self._wait_reported():
+                    if self._submit_deferred() and self._wait_reported():
                         self.outbound.send_bytes(pickle.dumps(DONE))
                     break
                 if time.monotonic() - last_stats >= STATS_EVERY_S:
@@ -198,8 +205,8 @@ class Committer:
         """
         s = self.settings
         first: Received | None
-        if self._held is not None:  # an urgent message that ended the previous batch
-            first, self._held = self._held, None
+        if self._pending:  # what was taken off the queue ahead of this batch comes first
+            first = self._pending.popleft()
         else:
             try:
                 first = self.queue.get(timeout=0.2)
@@ -213,13 +220,13 @@ class Committer:
         while not urgent and len(batch) < s.batch_size:
             with contextlib.suppress(queue.Empty):  # took all there was
                 while len(batch) < s.batch_size:
-                    item = self.queue.get_nowait()
+                    item = self._pending.popleft() if self._pending else self.queue.get_nowait()
                     if item is None:
                         return batch, True
                     if item.interp.immediate:
                         # The emergency lane: what came before goes now, the urgent one next,
                         # in a batch of its own that need not wait behind reading batches.
-                        self._held = item
+                        self._pending.appendleft(item)
                         return batch, False
                     batch.append(item)
             remaining = deadline - time.monotonic()
@@ -249,10 +256,52 @@ class Committer:
             return SERIAL
         return EVENTS if events else READINGS
 
-    def _submit(self, batch: list[Received]) -> bool:
-        """Write the batch beside the one in flight, or alone after it; False once one gave up."""
+    def _submit_deferred(self) -> bool:
+        """Submit the batches the emergency lane cut off, in their order; False once one gave up."""
+        while self._deferred:
+            batch, seq = self._deferred.popleft()
+            if not self._submit(batch, seq):
+                return False
+        return True
+
+    def _reserve(self) -> int:
         seq = self._submitted
         self._submitted += 1
+        return seq
+
+    def _overtake(self) -> None:
+        """While a reading batch waits for a slot: an urgent plain event already queued is written
+        now, ahead of what came between (which keeps its place in the acknowledgement order)."""
+        if self._events_in_flight:
+            return  # one event batch at a time; it will be found by the next batch instead
+        with contextlib.suppress(queue.Empty):
+            while len(self._pending) < 2 * self.settings.batch_size:
+                item = self.queue.get_nowait()
+                self._pending.append(item)
+                if item is None:
+                    break
+        for i, item in enumerate(self._pending):
+            if item is None:
+                return
+            if item.interp.immediate:
+                if self._kind([item]) != EVENTS:
+                    return
+                before: list[Received] = [m for m in (self._pending.popleft() for _ in range(i)) if m]
+                self._pending.popleft()
+                size = self.settings.batch_size
+                for start in range(0, len(before), size):  # they arrived first: lower numbers
+                    self._deferred.append((before[start : start + size], self._reserve()))
+                self._submit([item], self._reserve())
+                return
+
+    def _submit(self, batch: list[Received], seq: int | None = None) -> bool:
+        """Write the batch beside the one in flight, or alone after it; False once one gave up.
+
+        ``seq``: the batch's place in the acknowledgement order, if the emergency lane gave it
+        one already (default: the next).
+        """
+        if seq is None:
+            seq = self._reserve()
         kind = self._kind(batch)
         if kind == SERIAL:
             return self._wait_reported(seq) and self._commit(batch, seq)
@@ -264,7 +313,12 @@ class Committer:
                     return False
                 self._events_in_flight += 1
         else:
-            self._slots.acquire()  # meanwhile the queue fills: the next batch is a full one
+            # Meanwhile the queue fills (the next batch is a full one), and an urgent event in
+            # it is written at once instead of after a reading batch commits.
+            while not self._slots.acquire(timeout=0.002):
+                if self._failed:
+                    return False
+                self._overtake()
             if self._failed:
                 self._slots.release()
                 return False
@@ -272,17 +326,23 @@ class Committer:
         return True
 
     def _commit_released(self, batch: list[Received], seq: int, kind: str = READINGS) -> None:
+        gate = [kind == EVENTS]  # an event batch opens the gate once written, not once reported
+
+        def written() -> None:
+            if gate[0]:
+                gate[0] = False
+                with self._turn:
+                    self._events_in_flight -= 1
+                    self._turn.notify_all()
+
         try:
-            self._commit(batch, seq)
+            self._commit(batch, seq, written)
         except BaseException:
             log.exception("batch writer failed; stopping")
             self._give_up()
         finally:
-            if kind == EVENTS:
-                with self._turn:
-                    self._events_in_flight -= 1
-                    self._turn.notify_all()
-            else:
+            written()
+            if kind != EVENTS:
                 self._slots.release()
 
     def _wait_reported(self, upto: int | None = None) -> bool:
@@ -318,8 +378,11 @@ class Committer:
                 item.topic, item.payload, item.received_at, registry, self.policy, item.retained
             )
 
-    def _commit(self, batch: list[Received], seq: int) -> bool:
-        """Write the batch (retrying until it commits), report it in turn; False if giving up."""
+    def _commit(self, batch: list[Received], seq: int, written: Callable[[], None] | None = None) -> bool:
+        """Write the batch (retrying until it commits), report it in turn; False if giving up.
+
+        ``written`` is called once the batch has committed, before it waits for its turn to report.
+        """
         delay, failures = 0.5, 0
         while True:
             started = time.perf_counter()
@@ -351,6 +414,8 @@ class Committer:
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
         committed = self.clock()
+        if written is not None:
+            written()
         if failures:
             with self._turn:
                 recovered, self._outage = self._outage, False

@@ -80,13 +80,18 @@ def test_the_emergency_lane_writes_an_event_beside_reading_batches_and_acks_in_o
     write, lock = committer.writer.write, threading.Lock()
     in_flight: list[str] = []
     seen_beside: list[list[str]] = []  # what was in flight when an event batch started
+    started: set[int] = set()  # packet ids whose batch has started writing
+    overtook = 0  # event batches written before an earlier reading batch started
 
     def slow_write(conn, batch):
+        nonlocal overtook
         kind = "events" if any(m.interp.events for m in batch) else "readings"
         with lock:
             if kind == "events":
                 seen_beside.append(list(in_flight))
                 assert len(batch) == 1, "an urgent message travels alone"
+                overtook += any(m not in started for m in range(1, batch[0].mid))
+            started.update(m.mid for m in batch)
             in_flight.append(kind)
         try:
             time.sleep(0.02 if kind == "readings" else 0.001)
@@ -119,6 +124,7 @@ def test_the_emergency_lane_writes_an_event_beside_reading_batches_and_acks_in_o
     assert len(seen_beside) == 10
     assert all("events" not in beside for beside in seen_beside)  # never two event batches at once
     assert any("readings" in beside for beside in seen_beside)  # the lane did not wait behind them
+    assert overtook > 0  # nor for a reading slot: it went ahead of messages that came before it
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM device_events").fetchone() == (10,)
         assert conn.execute("SELECT rule, matches FROM alerts").fetchall() == [("sos", 10)]
