@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from math import inf
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -106,17 +107,55 @@ def _is_quiet(band: tuple[float, bool, float, bool], value: float) -> bool:
     return (value > low or (low_in and value == low)) and (value < high or (high_in and value == high))
 
 
+#: A closed range of values, (low, high); either end may be infinite.
+Band = tuple[float, float]
+#: At most this many bands per look-up reach the store (closer ones are joined: more is read).
+LOOKUP_BANDS = 2
+
+
 @dataclass(frozen=True, slots=True)
 class Lookup:
     """History the decision needs: one elder's readings of a metric, or events of a kind, in
-    [start, end]; with ``since``, also the newest reading in [since, start) (the NEWS2 view:
-    the latest value of each parameter, not every reading of 15 minutes)."""
+    [start, end]; with ``since``, also the newest reading in [since, start) (a window's run
+    may begin before its start; NEWS2 wants the latest value of each parameter, not every
+    reading of 15 minutes).
+
+    ``holds`` (readings only): the bands of values the decisions judge runs of, counted back
+    from each reading judged, the earliest at ``first``. A reading outside all of them ends
+    every such run, so the store may leave out what lies before the newest one at or before
+    ``first``: the decisions are the same. None: every value counts (nothing left out).
+    """
 
     elder_id: str
     name: str  # a metric, or an event kind
     start: datetime
     end: datetime
     since: datetime | None = None
+    first: datetime | None = None
+    holds: tuple[Band, ...] | None = None
+
+
+@dataclass(slots=True)
+class _SeriesNeed:
+    start: datetime
+    end: datetime
+    since: datetime
+    first: datetime
+    holds: list[Band] | None
+
+
+def join_bands(bands: Iterable[Band], most: int = LOOKUP_BANDS) -> tuple[Band, ...]:
+    """The union of ``bands``, as at most ``most`` bands (the nearest joined: a superset)."""
+    merged: list[list[float]] = []
+    for low, high in sorted(bands):
+        if merged and low <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], high)
+        else:
+            merged.append([low, high])
+    while len(merged) > most:
+        i = min(range(len(merged) - 1), key=lambda j: merged[j + 1][0] - merged[j][1])
+        merged[i : i + 2] = [[merged[i][0], merged[i + 1][1]]]
+    return tuple((low, high) for low, high in merged)
 
 
 @dataclass(slots=True)
@@ -133,17 +172,42 @@ class Scan:
     """The batch's candidates, elder by elder, and the history they need."""
 
     elders: dict[str, ElderScan] = field(default_factory=dict)
-    series: dict[tuple[str, str], tuple[datetime, datetime]] = field(default_factory=dict)
-    latest: dict[tuple[str, str], tuple[datetime, datetime]] = field(default_factory=dict)
-    latest_age: timedelta = timedelta(0)
+    series: dict[tuple[str, str], _SeriesNeed] = field(default_factory=dict)
+    latest: dict[tuple[str, str], _SeriesNeed] = field(default_factory=dict)  # NEWS2's
     event_spans: dict[tuple[str, str], tuple[datetime, datetime]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.elders)
 
-    def need_series(self, elder_id: str, metric: str, start: datetime, end: datetime) -> None:
-        """Ask for the elder's readings of ``metric`` in [start, end] (spans merge)."""
-        _widen(self.series, (elder_id, metric), start, end)
+    def need_series(
+        self,
+        elder_id: str,
+        metric: str,
+        at: datetime,
+        window: timedelta,
+        holds: Iterable[Band] | None = None,
+        before: timedelta | None = None,
+        _into: dict[tuple[str, str], _SeriesNeed] | None = None,
+    ) -> None:
+        """Ask for the elder's readings of ``metric`` in [at - window, at], and the newest one
+        in [at - window - before, at - window) (``before`` defaults to ``window``: a sustained
+        run may start up to a window before the window). ``holds``: the bands of values the
+        run judged at ``at`` counts (None: all). Needs of one elder and metric merge."""
+        start = at - window
+        since = start - (window if before is None else before)
+        bands = None if holds is None else list(holds)
+        needs = self.series if _into is None else _into
+        need = needs.get((elder_id, metric))
+        if need is None:
+            needs[(elder_id, metric)] = _SeriesNeed(start, at, since, at, bands)
+            return
+        need.start, need.end = min(need.start, start), max(need.end, at)
+        need.since, need.first = min(need.since, since), min(need.first, at)
+        if need.holds is not None:
+            if bands is None:
+                need.holds = None
+            else:
+                need.holds.extend(bands)
 
     def need_events(self, elder_id: str, kind: str, start: datetime, end: datetime) -> None:
         """Ask for the elder's events of ``kind`` in [start, end] (spans merge)."""
@@ -151,15 +215,18 @@ class Scan:
 
     def need_latest(self, elder_id: str, metric: str, at: datetime, max_age: timedelta) -> None:
         """Ask for the elder's latest reading of ``metric`` at ``at`` (no older than ``max_age``)."""
-        _widen(self.latest, (elder_id, metric), at, at)
-        self.latest_age = max(self.latest_age, max_age)
+        self.need_series(elder_id, metric, at, timedelta(0), before=max_age, _into=self.latest)
 
     def lookups(self) -> tuple[list[Lookup], list[Lookup]]:
         """(series lookups, event lookups) for the store to answer."""
-        age = self.latest_age
         return (
-            [Lookup(e, m, s, t) for (e, m), (s, t) in sorted(self.series.items())]
-            + [Lookup(e, m, s, t, s - age) for (e, m), (s, t) in sorted(self.latest.items())],
+            [
+                Lookup(
+                    e, m, n.start, n.end, n.since, n.first, None if n.holds is None else join_bands(n.holds)
+                )
+                for needs in (self.series, self.latest)
+                for (e, m), n in sorted(needs.items())
+            ],
             [Lookup(e, k, s, t) for (e, k), (s, t) in sorted(self.event_spans.items())],
         )
 
@@ -219,12 +286,13 @@ def _scan_reading(out: Scan, ctx: ElderContext, r: Reading) -> None:
         if rule.breaches(r.metric, r.value):
             wanted = True
             if active is None and rule.window:
-                out.need_series(ctx.elder_id, r.metric, r.time - rule.window, r.time)
+                out.need_series(ctx.elder_id, r.metric, r.time, rule.window, breach_bands(rule, r.metric))
         elif active is not None and active.state in CONDITION_ON_STATES:
             margin = rules.hysteresis_margin(rule.id)
             if _clears(rule, r.metric, r.value, margin):
                 wanted = True
-                out.need_series(ctx.elder_id, r.metric, r.time - rule.window, r.time)
+                bands = (clear_band(rule, r.metric, margin),)
+                out.need_series(ctx.elder_id, r.metric, r.time, rule.window, bands)
     news2_rule = rules.news2
     if news2_rule is not None and r.metric in NEWS2_METRICS and _news2_scores(ctx, r):
         # The aggregate can only rise on a reading that scores: judge NEWS2 at its time.
@@ -235,6 +303,24 @@ def _scan_reading(out: Scan, ctx: ElderContext, r: Reading) -> None:
             out.need_latest(ctx.elder_id, metric, r.time, news2_rule.max_age)
     if wanted:
         out.elders.setdefault(ctx.elder_id, ElderScan()).readings.append(r)
+
+
+def breach_bands(rule: ThresholdRule, metric: str) -> tuple[Band, ...]:
+    """The values of ``metric`` that breach ``rule`` (closed bands: a superset at the edges)."""
+    return tuple((-inf, c.value) if c.below else (c.value, inf) for c in rule.any if c.metric == metric)
+
+
+def clear_band(rule: ThresholdRule, metric: str, margin: float) -> Band:
+    """The values of ``metric`` back inside ``rule``'s band by ``margin`` (``_clears``)."""
+    low, high = -inf, inf
+    for c in rule.any:
+        if c.metric == metric:
+            step = abs(c.value) * margin
+            if c.below:
+                low = max(low, c.value + step)
+            else:
+                high = min(high, c.value - step)
+    return (low, high)
 
 
 def _zero_bands(chart: news2.Chart) -> tuple[tuple[float, float], ...]:

@@ -94,22 +94,17 @@ class AlertingStep:
             return None
         stamps, alerted = store.elders_at_a_glance(cur, elder_ids)
         cached = self.elders.load(cur, elder_ids, stamps)
-        contexts = _scan_contexts(cached, store.active_alerts(cur, alerted) if alerted else {})
-        found = engine.scan(stored.readings, stored.events, contexts)
+        found = engine.scan(stored.readings, stored.events, _scan_contexts(cached, alerted))
         if not found:
             return None
-        # The rare path: something may raise, upgrade or clear. Decide under the elders' locks.
+        # The rare path: something may raise, upgrade or clear. Decide under the elders' locks,
+        # on their state read again under them (one round trip for the locks and every read).
         now = datetime.fromtimestamp(self.clock(), UTC)
         involved = set(found.elders)
-        store.lock_elders(cur, involved)
-        contexts = _contexts(
-            {e: cached[e] for e in involved},
-            store.active_alerts(cur, involved),
-            store.recently_resolved(cur, involved, now - self._cooldown),
-        )
         series, events = found.lookups()
-        history = store.load_history(cur, series, events)
-        done = store.persist(cur, engine.decide(found, contexts, history, now), now)
+        state = store.lock_and_read(cur, involved, now - self._cooldown, series, events)
+        contexts = _contexts({e: cached[e] for e in involved}, state.active, state.resolved)
+        done = store.persist(cur, engine.decide(found, contexts, state.history, now), now)
         _log(done)
         return done.counts()
 
@@ -129,12 +124,10 @@ class RuleTimers:
     def fire(self, cur: psycopg.Cursor[Any], timer: Timer, now: datetime) -> None:
         """The waiting window ran out: decide and persist in the timer's transaction."""
         elder_id = str(timer.payload["elder_id"])
-        store.lock_elders(cur, [elder_id])
+        state = store.lock_and_read(cur, [elder_id], now - self._cooldown)
         stamps, _ = store.elders_at_a_glance(cur, [elder_id])
         cached = self.elders.load(cur, [elder_id], stamps)
-        active = store.active_alerts(cur, [elder_id])
-        resolved = store.recently_resolved(cur, [elder_id], now - self._cooldown)
-        contexts = _contexts(cached, active, resolved)
+        contexts = _contexts(cached, state.active, state.resolved)
         ctx = contexts.get(elder_id)
         if ctx is not None:
             done = store.persist(cur, engine.on_timer(ctx, timer.payload, now), now, actor="rules:timer")

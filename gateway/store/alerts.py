@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from math import inf
 from typing import Any
 from uuid import UUID
 
@@ -81,43 +82,53 @@ def _id_list(ids: Collection[str]) -> str | list[str]:
 
 def elders_at_a_glance(
     cur: psycopg.Cursor[Any], elder_ids: Collection[str]
-) -> tuple[dict[str, datetime], set[str]]:
+) -> tuple[dict[str, datetime], dict[str, dict[str, ActiveAlert]]]:
     """Per batch, in one round trip: when each elder's care plan last changed (elders with a
-    plan only) and which elders have an active alert."""
+    plan only) and the active alerts of those that have any (a handful: most elders have none)."""
     ids = _id_list(elder_ids)
     match = "= ANY(string_to_array(%s, E'\\n'))" if isinstance(ids, str) else "= ANY(%s)"
     cur.execute(
-        f"SELECT elder_id, updated_at FROM care_plans WHERE elder_id {match}"
+        f"SELECT elder_id, updated_at, NULL::uuid, NULL, NULL, NULL, NULL::timestamptz,"
+        f" NULL::timestamptz, NULL::int, NULL::bool, NULL::jsonb FROM care_plans WHERE elder_id {match}"
         " UNION ALL"
-        " SELECT DISTINCT elder_id, NULL::timestamptz FROM alerts"
-        f" WHERE elder_id {match} AND state = ANY(%s)",
+        f" SELECT {_ACTIVE_COLUMNS} FROM alerts WHERE elder_id {match} AND state = ANY(%s)",
         (ids, ids, _ACTIVE),
     )
     plans: dict[str, datetime] = {}
-    alerted: set[str] = set()
-    for elder_id, updated_at in cur:
-        if updated_at is None:
-            alerted.add(elder_id)
+    active: dict[str, dict[str, ActiveAlert]] = defaultdict(dict)
+    for row in cur:
+        if row[2] is None:
+            plans[row[0]] = row[1]
         else:
-            plans[elder_id] = updated_at
-    return plans, alerted
+            _add_active(active, row)
+    return plans, active
+
+
+#: An active alert's row, shaped as ``elders_at_a_glance`` reads it (second column: a plan's stamp).
+_ACTIVE_COLUMNS = (
+    "elder_id, NULL::timestamptz, id, rule, severity, state, observed_at, last_at, matches, "
+    "confirmed, evidence"
+)
+
+
+def _add_active(out: dict[str, dict[str, ActiveAlert]], row: Sequence[Any]) -> None:
+    elder_id, _, alert_id, rule, severity, state, observed, last, matches, confirmed, evidence = row
+    out[elder_id][rule] = ActiveAlert(
+        alert_id, rule, Severity(severity), state, observed, last, matches, confirmed, evidence
+    )
 
 
 def active_alerts(cur: psycopg.Cursor[Any], elder_ids: Collection[str]) -> dict[str, dict[str, ActiveAlert]]:
     """The elders' active alerts, by elder and rule."""
     out: dict[str, dict[str, ActiveAlert]] = defaultdict(dict)
-    if not elder_ids:
-        return out
-    cur.execute(
-        "SELECT elder_id, id, rule, severity, state, observed_at, last_at, matches, confirmed, evidence"
-        " FROM alerts WHERE elder_id = ANY(%s) AND state = ANY(%s)",
-        (list(elder_ids), _ACTIVE),
-    )
-    for elder_id, alert_id, rule, severity, state, observed, last, matches, confirmed, evidence in cur:
-        out[elder_id][rule] = ActiveAlert(
-            alert_id, rule, Severity(severity), state, observed, last, matches, confirmed, evidence
-        )
+    if elder_ids:
+        cur.execute(_ACTIVE_SQL, (list(elder_ids), _ACTIVE))
+        for row in cur:
+            _add_active(out, row)
     return out
+
+
+_ACTIVE_SQL = f"SELECT {_ACTIVE_COLUMNS} FROM alerts WHERE elder_id = ANY(%s) AND state = ANY(%s)"
 
 
 def recently_resolved(
@@ -125,77 +136,146 @@ def recently_resolved(
 ) -> dict[str, dict[str, tuple[datetime, Severity]]]:
     """Per elder and rule, the latest resolution since ``since`` and its severity (for cool-down)."""
     out: dict[str, dict[str, tuple[datetime, Severity]]] = defaultdict(dict)
-    if not elder_ids:
-        return out
-    cur.execute(
-        "SELECT DISTINCT ON (elder_id, rule) elder_id, rule, closed_at, severity FROM alerts"
-        " WHERE elder_id = ANY(%s) AND state = 'resolved' AND closed_at >= %s"
-        " ORDER BY elder_id, rule, closed_at DESC",
-        (list(elder_ids), since),
-    )
-    for elder_id, rule, closed_at, severity in cur:
-        out[elder_id][rule] = (closed_at, Severity(severity))
+    if elder_ids:
+        cur.execute(_RESOLVED_SQL, (list(elder_ids), since))
+        _add_resolved(out, cur)
     return out
 
 
-def _columns(lookups: Sequence[Lookup]) -> tuple[list[str], list[str], list[datetime], list[datetime]]:
+_RESOLVED_SQL = (
+    "SELECT DISTINCT ON (elder_id, rule) elder_id, rule, closed_at, severity FROM alerts"
+    " WHERE elder_id = ANY(%s) AND state = 'resolved' AND closed_at >= %s"
+    " ORDER BY elder_id, rule, closed_at DESC"
+)
+
+
+def _add_resolved(
+    out: dict[str, dict[str, tuple[datetime, Severity]]], rows: Iterable[Sequence[Any]]
+) -> None:
+    for elder_id, rule, closed_at, severity in rows:
+        out[elder_id][rule] = (closed_at, Severity(severity))
+
+
+#: The readings of each look-up (``engine.Lookup``): the newest reading at or before ``first``
+#: whose value lies outside the look-up's bands (``cut``: every run judged stops there, so
+#: nothing older is sent), then the newest reading before ``start`` from the cut or ``since``
+#: on (where a run may begin), then the readings in [start, stop], newest first (the reading
+#: judged is among them). Clock-skewed readings never feed rules.
+_SERIES_SQL = """
+SELECT w.elder_id, w.metric, o.time, o.value
+FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[],
+            %s::timestamptz[], %s::bool[], %s::float8[], %s::float8[], %s::float8[], %s::float8[])
+  AS w(elder_id, metric, start, stop, since, first, cuts, lo1, hi1, lo2, hi2)
+CROSS JOIN LATERAL (SELECT coalesce((
+    SELECT o.time FROM observations o
+    WHERE w.cuts AND o.elder_id = w.elder_id AND o.metric = w.metric
+      AND o.time >= w.since AND o.time <= w.first AND NOT ('clock_skew' = ANY(o.flags))
+      AND NOT (o.value BETWEEN w.lo1 AND w.hi1 OR o.value BETWEEN w.lo2 AND w.hi2)
+    ORDER BY o.time DESC LIMIT 1), w.since) AS cut) AS c
+CROSS JOIN LATERAL (
+  (SELECT time, value FROM observations o
+   WHERE o.elder_id = w.elder_id AND o.metric = w.metric AND o.time >= c.cut AND o.time < w.start
+     AND NOT ('clock_skew' = ANY(o.flags))
+   ORDER BY o.time DESC LIMIT 1)
+  UNION ALL
+  (SELECT time, value FROM observations o
+   WHERE o.elder_id = w.elder_id AND o.metric = w.metric AND o.time >= greatest(c.cut, w.start)
+     AND o.time <= w.stop AND NOT ('clock_skew' = ANY(o.flags))
+   ORDER BY o.time DESC LIMIT %s)) AS o
+"""
+
+_EVENTS_SQL = (
+    "SELECT w.elder_id, w.kind, e.time"
+    " FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[])"
+    "   AS w(elder_id, kind, start, stop)"
+    " JOIN device_events e ON e.elder_id = w.elder_id AND e.kind = w.kind"
+    "   AND e.time >= w.start AND e.time <= w.stop AND NOT ('clock_skew' = ANY(e.flags))"
+    " ORDER BY 1, 2, 3"
+)
+
+
+def _series_params(series: Sequence[Lookup]) -> tuple[Any, ...]:
+    columns: list[list[Any]] = [[] for _ in range(11)]
+    for x in series:
+        bands = x.holds or ((-inf, inf),)
+        (lo1, hi1), (lo2, hi2) = bands[0], bands[-1]
+        row = (x.elder_id, x.name, x.start, x.end, x.since or x.start, x.first or x.start)
+        for column, value in zip(columns, (*row, x.holds is not None, lo1, hi1, lo2, hi2), strict=True):
+            column.append(value)
+    return (*columns, SERIES_LIMIT)
+
+
+def _event_params(events: Sequence[Lookup]) -> tuple[Any, ...]:
     return (
-        [x.elder_id for x in lookups],
-        [x.name for x in lookups],
-        [x.start for x in lookups],
-        [x.end for x in lookups],
+        [x.elder_id for x in events],
+        [x.name for x in events],
+        [x.start for x in events],
+        [x.end for x in events],
     )
 
 
-def load_history(cur: psycopg.Cursor[Any], series: Sequence[Lookup], events: Sequence[Lookup]) -> History:
-    """The readings and event times the engine asked for (clock-skewed data never feeds rules)."""
+def _history_from(series_rows: Iterable[Sequence[Any]], event_rows: Iterable[Sequence[Any]]) -> History:
     points: dict[tuple[str, str], set[tuple[datetime, float]]] = defaultdict(set)
-    windows = [x for x in series if x.since is None]
-    if windows:
-        cur.execute(
-            "SELECT w.elder_id, w.metric, o.time, o.value"
-            " FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[])"
-            "   AS w(elder_id, metric, start, stop)"
-            " CROSS JOIN LATERAL (SELECT time, value FROM observations o"
-            "   WHERE o.elder_id = w.elder_id AND o.metric = w.metric"
-            "     AND o.time >= w.start AND o.time <= w.stop AND NOT ('clock_skew' = ANY(o.flags))"
-            "   ORDER BY o.time DESC LIMIT %s) AS o",  # the newest: the reading judged is among them
-            (*_columns(windows), SERIES_LIMIT),
-        )
-        for elder_id, metric, at, value in cur:
-            points[(elder_id, metric)].add((at, value))
-    latest = [x for x in series if x.since is not None]
-    if latest:
-        cur.execute(
-            "SELECT w.elder_id, w.metric, o.time, o.value"
-            " FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[],"
-            "   %s::timestamptz[]) AS w(elder_id, metric, start, stop, since)"
-            " CROSS JOIN LATERAL ("
-            "   (SELECT time, value FROM observations o WHERE o.elder_id = w.elder_id"
-            "     AND o.metric = w.metric AND o.time >= w.since AND o.time < w.start"
-            "     AND NOT ('clock_skew' = ANY(o.flags)) ORDER BY o.time DESC LIMIT 1)"
-            "   UNION ALL"
-            "   (SELECT time, value FROM observations o WHERE o.elder_id = w.elder_id"
-            "     AND o.metric = w.metric AND o.time >= w.start AND o.time <= w.stop"
-            "     AND NOT ('clock_skew' = ANY(o.flags)) ORDER BY o.time DESC LIMIT %s)) AS o",
-            (*_columns(latest), [x.since for x in latest], SERIES_LIMIT),
-        )
-        for elder_id, metric, at, value in cur:
-            points[(elder_id, metric)].add((at, value))
+    for elder_id, metric, at, value in series_rows:
+        points[(elder_id, metric)].add((at, value))
     times: dict[tuple[str, str], list[datetime]] = defaultdict(list)
-    if events:
-        cur.execute(
-            "SELECT w.elder_id, w.kind, e.time"
-            " FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[])"
-            "   AS w(elder_id, kind, start, stop)"
-            " JOIN device_events e ON e.elder_id = w.elder_id AND e.kind = w.kind"
-            "   AND e.time >= w.start AND e.time <= w.stop AND NOT ('clock_skew' = ANY(e.flags))"
-            " ORDER BY 1, 2, 3",
-            _columns(events),
-        )
-        for elder_id, kind, at in cur:
-            times[(elder_id, kind)].append(at)
+    for elder_id, kind, at in event_rows:
+        times[(elder_id, kind)].append(at)
     return History({k: sorted(v) for k, v in points.items()}, dict(times))
+
+
+def load_history(cur: psycopg.Cursor[Any], series: Sequence[Lookup], events: Sequence[Lookup]) -> History:
+    """The readings and event times the engine asked for."""
+    series_rows: list[Sequence[Any]] = []
+    event_rows: list[Sequence[Any]] = []
+    if series:
+        cur.execute(_SERIES_SQL, _series_params(series))
+        series_rows = cur.fetchall()
+    if events:
+        cur.execute(_EVENTS_SQL, _event_params(events))
+        event_rows = cur.fetchall()
+    return _history_from(series_rows, event_rows)
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionState:
+    """What deciding needs, read under the elders' locks: active alerts, recent resolutions
+    (cool-down) and the history the scan asked for."""
+
+    active: dict[str, dict[str, ActiveAlert]]
+    resolved: dict[str, dict[str, tuple[datetime, Severity]]]
+    history: History
+
+
+def lock_and_read(
+    cur: psycopg.Cursor[Any],
+    elder_ids: Collection[str],
+    resolved_since: datetime,
+    series: Sequence[Lookup] = (),
+    events: Sequence[Lookup] = (),
+) -> DecisionState:
+    """Take the elders' locks, then read their state and history: one round trip (psycopg's
+    pipeline mode; PostgreSQL runs the statements in order, so every read follows the locks)."""
+    conn = cur.connection
+    ids = list(elder_ids)
+    with conn.pipeline():
+        lock_elders(cur, ids)
+        reads = [conn.cursor() for _ in range(4)]
+        reads[0].execute(_ACTIVE_SQL, (ids, _ACTIVE))
+        reads[1].execute(_RESOLVED_SQL, (ids, resolved_since))
+        if series:
+            reads[2].execute(_SERIES_SQL, _series_params(series))
+        if events:
+            reads[3].execute(_EVENTS_SQL, _event_params(events))
+    active: dict[str, dict[str, ActiveAlert]] = defaultdict(dict)
+    for row in reads[0].fetchall():
+        _add_active(active, row)
+    resolved: dict[str, dict[str, tuple[datetime, Severity]]] = defaultdict(dict)
+    _add_resolved(resolved, reads[1].fetchall())
+    history = _history_from(reads[2].fetchall() if series else (), reads[3].fetchall() if events else ())
+    for c in reads:
+        c.close()
+    return DecisionState(active, resolved, history)
 
 
 # ---- writing decisions -----------------------------------------------------------------

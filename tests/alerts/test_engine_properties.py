@@ -50,3 +50,25 @@ def test_whatever_the_readings_the_lifecycle_holds(series: list[tuple[str, float
             worst[str(a.id)] = rank
             assert a.outbox and a.outbox[0][0] == "raised"  # every alert asked for its dispatch
             assert a.evidence  # and explains itself
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 150), st.sampled_from([("spo2", 88.0, "spo2_low"), ("spo2", 84.0, "spo2_critical")]))
+def test_a_sustained_window_opens_at_any_cadence(every_s: int, case: tuple[str, float, str]) -> None:
+    """Readings that breach every ``every_s`` seconds open the rule at the first one whose run
+    spans the window, whether or not a reading falls exactly a window before it (a device
+    sending every 7 s once never opened spo2_low's 5 minutes)."""
+    metric, value, rule_id = case
+    window = RULES.rule(rule_id).window
+    replay = Replay(RULES)
+    opened_at = None
+    for i in range(int(2 * window.total_seconds() / every_s) + 2):
+        at = START + timedelta(seconds=every_s * i)
+        replay.feed([Reading(at, "w1", "e1", metric, value, [])], [], at)
+        if opened_at is None and any(a.rule == rule_id for a in replay.active("e1")):
+            opened_at = at
+    if every_s > window.total_seconds():
+        assert opened_at is None  # readings further apart than the window make no run
+    else:
+        first_spanning = START + timedelta(seconds=every_s * -(-window.total_seconds() // every_s))
+        assert opened_at == first_spanning
