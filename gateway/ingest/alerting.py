@@ -92,8 +92,8 @@ class AlertingStep:
         elder_ids.update(e.elder_id for e in stored.events if e.elder_id)
         if not elder_ids:
             return None
-        stamps, alerted = store.elders_at_a_glance(cur, elder_ids)
-        cached = self.elders.load(cur, elder_ids, stamps)
+        version, alerted = store.elders_at_a_glance(cur, elder_ids)
+        cached = self.elders.load(cur, elder_ids, self.elders.stamps_at(cur, version))
         found = engine.scan(stored.readings, stored.events, _scan_contexts(cached, alerted))
         if not found:
             return None
@@ -125,8 +125,7 @@ class RuleTimers:
         """The waiting window ran out: decide and persist in the timer's transaction."""
         elder_id = str(timer.payload["elder_id"])
         state = store.lock_and_read(cur, [elder_id], now - self._cooldown)
-        stamps, _ = store.elders_at_a_glance(cur, [elder_id])
-        cached = self.elders.load(cur, [elder_id], stamps)
+        cached = self.elders.load(cur, [elder_id])
         contexts = _contexts(cached, state.active, state.resolved)
         ctx = contexts.get(elder_id)
         if ctx is not None:

@@ -82,26 +82,21 @@ def _id_list(ids: Collection[str]) -> str | list[str]:
 
 def elders_at_a_glance(
     cur: psycopg.Cursor[Any], elder_ids: Collection[str]
-) -> tuple[dict[str, datetime], dict[str, dict[str, ActiveAlert]]]:
-    """Per batch, in one round trip: when each elder's care plan last changed (elders with a
-    plan only) and the active alerts of those that have any (a handful: most elders have none)."""
+) -> tuple[int, dict[str, dict[str, ActiveAlert]]]:
+    """Per batch, in one round trip: the care plans' version (``elder_rules.ElderRules``
+    reads the plans' stamps again when it moved) and the active alerts of the elders that
+    have any (a handful: most elders have none; the partial index of active alerts answers)."""
     ids = _id_list(elder_ids)
     match = "= ANY(string_to_array(%s, E'\\n'))" if isinstance(ids, str) else "= ANY(%s)"
-    cur.execute(
-        f"SELECT elder_id, updated_at, NULL::uuid, NULL, NULL, NULL, NULL::timestamptz,"
-        f" NULL::timestamptz, NULL::int, NULL::bool, NULL::jsonb FROM care_plans WHERE elder_id {match}"
-        " UNION ALL"
-        f" SELECT {_ACTIVE_COLUMNS} FROM alerts WHERE elder_id {match} AND state = ANY(%s)",
-        (ids, ids, _ACTIVE),
-    )
-    plans: dict[str, datetime] = {}
+    conn = cur.connection
+    with conn.pipeline(), conn.cursor() as version:
+        version.execute("SELECT version FROM care_plan_version")
+        cur.execute(f"SELECT {_ACTIVE_COLUMNS} FROM alerts WHERE elder_id {match} AND {_IS_ACTIVE}", (ids,))
+        row = version.fetchone()
     active: dict[str, dict[str, ActiveAlert]] = defaultdict(dict)
-    for row in cur:
-        if row[2] is None:
-            plans[row[0]] = row[1]
-        else:
-            _add_active(active, row)
-    return plans, active
+    for alert in cur:
+        _add_active(active, alert)
+    return (row[0] if row else 0), active
 
 
 #: An active alert's row, shaped as ``elders_at_a_glance`` reads it (second column: a plan's stamp).
@@ -122,13 +117,16 @@ def active_alerts(cur: psycopg.Cursor[Any], elder_ids: Collection[str]) -> dict[
     """The elders' active alerts, by elder and rule."""
     out: dict[str, dict[str, ActiveAlert]] = defaultdict(dict)
     if elder_ids:
-        cur.execute(_ACTIVE_SQL, (list(elder_ids), _ACTIVE))
+        cur.execute(_ACTIVE_SQL, (list(elder_ids),))
         for row in cur:
             _add_active(out, row)
     return out
 
 
-_ACTIVE_SQL = f"SELECT {_ACTIVE_COLUMNS} FROM alerts WHERE elder_id = ANY(%s) AND state = ANY(%s)"
+#: The states of ``ACTIVE_STATES`` as the partial index ``alerts_one_active`` names them (in a
+#: literal, so a generic plan may use that index).
+_IS_ACTIVE = "state IN ({})".format(", ".join(f"'{state}'" for state in _ACTIVE))
+_ACTIVE_SQL = f"SELECT {_ACTIVE_COLUMNS} FROM alerts WHERE elder_id = ANY(%s) AND {_IS_ACTIVE}"
 
 
 def recently_resolved(
@@ -261,7 +259,7 @@ def lock_and_read(
     with conn.pipeline():
         lock_elders(cur, ids)
         reads = [conn.cursor() for _ in range(4)]
-        reads[0].execute(_ACTIVE_SQL, (ids, _ACTIVE))
+        reads[0].execute(_ACTIVE_SQL, (ids,))
         reads[1].execute(_RESOLVED_SQL, (ids, resolved_since))
         if series:
             reads[2].execute(_SERIES_SQL, _series_params(series))

@@ -57,6 +57,20 @@ class ElderRules:
     _by_plan: dict[CarePlan, tuple[RuleSet, engine.QuietBands]] = field(default_factory=dict)
     _by_elder: dict[str, PlannedRules] = field(default_factory=dict)
     _warned: set[str] = field(default_factory=set)
+    #: Every plan's stamp as of ``_version`` of ``care_plan_version`` (``stamps_at``).
+    _stamps: Mapping[str, datetime] = field(default_factory=dict)
+    _version: int | None = None
+
+    def stamps_at(self, cur: psycopg.Cursor[Any], version: int) -> Mapping[str, datetime]:
+        """Every elder's plan stamp, read again only when the plans' version moved.
+
+        Batches written at once may each find it moved and read the stamps: the last to
+        finish wins, and each is at least as new as the version it saw.
+        """
+        if version != self._version:
+            cur.execute("SELECT elder_id, updated_at FROM care_plans")
+            self._stamps, self._version = dict(cur.fetchall()), version
+        return self._stamps
 
     def for_plan(self, plan: CarePlan, elder_id: str = "") -> tuple[RuleSet, engine.QuietBands]:
         """The rules for a plan and their quiet bands (cached); the plain rule set if the plan
@@ -83,11 +97,14 @@ class ElderRules:
         stamps: Mapping[str, datetime] | None = None,
     ) -> dict[str, PlannedRules]:
         """The elders' plans and rules, reading a plan again only when its stamp (when it was
-        last set: ``plan_stamps``, or ``alerts.elders_at_a_glance`` on the ingest path) changed."""
+        last set: ``plan_stamps``, or ``stamps_at`` on the ingest path; elders without one
+        are absent) changed."""
         if stamps is None:
             stamps = plan_stamps(cur, elder_ids)
         known = self._by_elder
-        changed = [e for e, at in stamps.items() if e not in known or known[e].updated_at != at]
+        changed = [
+            e for e in elder_ids if e in stamps and (e not in known or known[e].updated_at != stamps[e])
+        ]
         if changed:
             cur.execute(
                 "SELECT elder_id, plan, updated_at FROM care_plans WHERE elder_id = ANY(%s)", (changed,)
