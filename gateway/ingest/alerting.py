@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -87,12 +87,24 @@ class AlertingStep:
         self.clock = clock
         self._cooldown = _longest_cooldown(rule_set)
 
+    def read_ahead(
+        self, cur: psycopg.Cursor[Any], elder_ids: Collection[str]
+    ) -> Callable[[], store.Glance] | None:
+        """Queue the glance (plans' version, active alerts) to go with the batch's first statement."""
+        if not elder_ids:
+            return None
+        store.ask_glance(cur, elder_ids)
+        return lambda: store.glance_from(cur)
+
     def __call__(self, cur: psycopg.Cursor[Any], stored: StoredBatch) -> dict[str, int] | None:
         elder_ids = {r.elder_id for r in stored.readings if r.elder_id}
         elder_ids.update(e.elder_id for e in stored.events if e.elder_id)
         if not elder_ids:
             return None
-        version, alerted = store.elders_at_a_glance(cur, elder_ids)
+        if stored.ahead is not None:  # sent with the batch's first statement
+            version, alerted = stored.ahead()
+        else:
+            version, alerted = store.elders_at_a_glance(cur, elder_ids)
         cached = self.elders.load(cur, elder_ids, self.elders.stamps_at(cur, version))
         found = engine.scan(stored.readings, stored.events, _scan_contexts(cached, alerted))
         if not found:

@@ -80,23 +80,39 @@ def _id_list(ids: Collection[str]) -> str | list[str]:
     return list(ids) if any("\n" in i for i in ids) else "\n".join(ids)
 
 
-def elders_at_a_glance(
-    cur: psycopg.Cursor[Any], elder_ids: Collection[str]
-) -> tuple[int, dict[str, dict[str, ActiveAlert]]]:
-    """Per batch, in one round trip: the care plans' version (``elder_rules.ElderRules``
-    reads the plans' stamps again when it moved) and the active alerts of the elders that
-    have any (a handful: most elders have none; the partial index of active alerts answers)."""
+Glance = tuple[int, dict[str, dict[str, ActiveAlert]]]
+
+
+def elders_at_a_glance(cur: psycopg.Cursor[Any], elder_ids: Collection[str]) -> Glance:
+    """What every batch's rules need, in one statement: the care plans' version
+    (``elder_rules.ElderRules`` reads the plans' stamps again when it moved) and the active
+    alerts of the elders that have any (a handful: most have none; the partial index of
+    active alerts answers). ``ask_glance`` and ``glance_from`` are its two halves, for a
+    caller that sends the statement in a pipeline with others."""
+    ask_glance(cur, elder_ids)
+    return glance_from(cur)
+
+
+def ask_glance(cur: psycopg.Cursor[Any], elder_ids: Collection[str]) -> None:
+    """Send (or queue, in a pipeline) the glance's statement on ``cur``."""
     ids = _id_list(elder_ids)
     match = "= ANY(string_to_array(%s, E'\\n'))" if isinstance(ids, str) else "= ANY(%s)"
-    conn = cur.connection
-    with conn.pipeline(), conn.cursor() as version:
-        version.execute("SELECT version FROM care_plan_version")
-        cur.execute(f"SELECT {_ACTIVE_COLUMNS} FROM alerts WHERE elder_id {match} AND {_IS_ACTIVE}", (ids,))
-        row = version.fetchone()
+    cur.execute(
+        f"SELECT v.version, a.* FROM care_plan_version v LEFT JOIN LATERAL (SELECT {_ACTIVE_COLUMNS}"
+        f" FROM alerts WHERE elder_id {match} AND {_IS_ACTIVE}) AS a ON true",
+        (ids,),
+    )
+
+
+def glance_from(cur: psycopg.Cursor[Any]) -> Glance:
+    """The glance's answer, from the cursor ``ask_glance`` sent it on."""
+    version = 0
     active: dict[str, dict[str, ActiveAlert]] = defaultdict(dict)
-    for alert in cur:
-        _add_active(active, alert)
-    return (row[0] if row else 0), active
+    for row in cur:
+        version = row[0]
+        if row[1] is not None:
+            _add_active(active, row[1:])
+    return version, active
 
 
 #: An active alert's row, shaped as ``elders_at_a_glance`` reads it (second column: a plan's stamp).
@@ -339,7 +355,12 @@ def describe(match: Match) -> str:
 def persist(
     cur: psycopg.Cursor[Any], decisions: Iterable[Decision], now: datetime, actor: str = RULES_ACTOR
 ) -> Persisted:
-    """Write the decisions in the caller's transaction."""
+    """Write the decisions in the caller's transaction (pipelined: one round trip for most)."""
+    with cur.connection.pipeline():
+        return _persist(cur, decisions, now, actor)
+
+
+def _persist(cur: psycopg.Cursor[Any], decisions: Iterable[Decision], now: datetime, actor: str) -> Persisted:
     done = Persisted()
     plain: dict[UUID, list[Match]] = {}
     for d in decisions:

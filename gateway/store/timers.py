@@ -122,10 +122,11 @@ def cancel(cur: psycopg.Cursor[Any], kind: str, key: str, now: datetime | None =
     ``now`` is recorded as ``cancelled_at`` (default: the transaction's time).
     """
     cur.execute(
-        f"UPDATE timers SET cancelled_at = COALESCE(%s, now()) WHERE kind = %s AND key = %s AND {_PENDING}",
+        f"UPDATE timers SET cancelled_at = COALESCE(%s, now()) WHERE kind = %s AND key = %s AND {_PENDING}"
+        " RETURNING id",  # a row, not rowcount: also right in pipeline mode
         (now, kind, key),
     )
-    return cur.rowcount > 0
+    return cur.fetchone() is not None
 
 
 def claim_due(

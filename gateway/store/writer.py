@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
@@ -90,6 +90,8 @@ class StoredBatch:
 
     readings: Sequence[Reading]
     events: Sequence[DeviceEvent]
+    #: What the step's ``read_ahead`` returned for this batch (None without one).
+    ahead: Callable[[], Any] | None = None
 
 
 class BatchStep(Protocol):
@@ -97,7 +99,12 @@ class BatchStep(Protocol):
     worker: the writer never imports them). What it writes commits or rolls back with the
     batch; if it raises, the batch is split to isolate the message behind it. It may return
     counts of what it decided, for metrics. ``concurrent_batches`` (optional attribute, default
-    False): the step is safe with two batches in their transactions at once."""
+    False): the step is safe with two batches in their transactions at once.
+
+    ``read_ahead(cur, elder_ids)`` (optional): queue the reads every batch's step needs on
+    ``cur`` (its own cursor) and return what gets their answer once sent (``StoredBatch.ahead``).
+    The writer sends them in one round trip with the batch's first statement, at the start of
+    its transaction (elder ids of the batch's readings and events, duplicates included)."""
 
     def __call__(self, cur: psycopg.Cursor[Any], stored: StoredBatch) -> Mapping[str, int] | None: ...
 
@@ -197,6 +204,12 @@ _CLAIM_ANY_DAY = (
 )
 
 
+def _elder_ids(batch: Sequence[Received]) -> set[str]:
+    ids = {r.elder_id for msg in batch for r in msg.interp.readings if r.elder_id}
+    ids.update(e.elder_id for msg in batch for e in msg.interp.events if e.elder_id)
+    return ids
+
+
 class BatchWriter:
     """Writes batches through one connection; ``write`` is one transaction (or a few, split)."""
 
@@ -263,8 +276,15 @@ class BatchWriter:
 
     def _write_once(self, conn: psycopg.Connection, batch: Sequence[Received]) -> BatchResult:
         result = BatchResult(messages=len(batch))
-        with conn.transaction(), conn.cursor() as cur:
-            existing = self._claim_receipts(cur, batch)
+        read_ahead = getattr(self.step, "read_ahead", None)
+        with conn.transaction(), conn.cursor() as cur, conn.cursor() as side:
+            ahead = None
+            if read_ahead is None:
+                existing = self._claim_receipts(cur, batch)
+            else:
+                with conn.pipeline():  # the step's reads and the receipts: one round trip
+                    ahead = read_ahead(side, _elder_ids(batch))
+                    existing = self._claim_receipts(cur, batch)
             readings: list = []
             rule_readings: list = []
             events: list = []
@@ -340,7 +360,7 @@ class BatchWriter:
                 self._count_rejections(cur, counts)
             self._update_devices(cur, seen, statuses)
             if self.step is not None:
-                decided = self.step(cur, StoredBatch(rule_readings, rule_events))
+                decided = self.step(cur, StoredBatch(rule_readings, rule_events, ahead))
                 if decided:
                     result.decisions.update(decided)
         self._spend(spent)  # committed: the bytes are on disk
