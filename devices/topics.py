@@ -46,6 +46,11 @@ SUBSCRIPTIONS: tuple[str, ...] = tuple(
     for segment, channels in _CHANNELS.items()
     for channel in sorted(channels)
 )
+# ... in two sessions: events (an SOS, a fall) on one of their own, so that they never queue
+# behind telemetry in the broker (which delivers one session's messages first in, first out),
+# and everything else (telemetry, status, command acks) on the other.
+EVENT_SUBSCRIPTIONS: tuple[str, ...] = tuple(t for t in SUBSCRIPTIONS if t.endswith(f"/{EVENTS}"))
+TELEMETRY_SUBSCRIPTIONS: tuple[str, ...] = tuple(t for t in SUBSCRIPTIONS if t not in EVENT_SUBSCRIPTIONS)
 
 
 class Topic(NamedTuple):

@@ -23,6 +23,17 @@ flight instead of after them: the rules read events for event rules and readings
 threshold rules, never one for the other, and lock each elder while deciding, so the order
 between a reading batch and an event batch does not change any decision. Two event batches
 never overlap (a recovery must be decided after its fall). Its report still waits its turn.
+
+The events lane: the receiver takes events over an MQTT session of their own (``worker.py``),
+so an SOS never waits in the broker behind a telemetry backlog, and they arrive here in a
+queue of their own, which is always looked at first: before a batch is started, while one
+is gathered (an event waiting ends the gathering), while a reading batch waits for a slot
+and while a serial one waits for its turn (a plain event batch is then written ahead of
+it). A batch holds messages of one lane, acknowledged by the client that received them; the
+events queue is first in, first out, and two event batches never overlap, so an elder's
+events are still decided in the order the device sent them. Reports keep one order, by
+batch: an event batch's report may wait for earlier reading batches, which delays its
+acknowledgement, not its commit.
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Final, Literal
 
 import psycopg
 from psycopg_pool import PoolTimeout
@@ -71,9 +82,13 @@ SERIAL, READINGS, EVENTS = "serial", "readings", "events"
 #: Rejections that a registration made a moment ago could turn into acceptance.
 REGISTRY_REASONS = frozenset({UNKNOWN_DEVICE, NOT_ATTACHED_TO_HUB})
 
+#: Which of the receiver's two MQTT sessions a message came over: events have one of their own.
+Lane = Literal["main", "events"]
+MAIN_LANE: Final = "main"
+EVENT_LANE: Final = "events"
 #: One received MQTT message as it crosses the pipe:
-#: (topic, payload, received_at, packet id, qos, connection generation, retained).
-Wire = tuple[str, bytes, float, int, int, int, bool]
+#: (topic, payload, received_at, packet id, qos, connection generation, retained, lane).
+Wire = tuple[str, bytes, float, int, int, int, bool, Lane]
 #: The last bundle the receiver sends: commit what you hold, answer DONE, exit.
 DRAIN = None
 DONE = "done"
@@ -83,6 +98,7 @@ DONE = "done"
 class CommitReport:
     """What one committed batch tells the receiver: what to ack, and figures for metrics."""
 
+    lane: Lane  # the session whose client acks them: a batch holds messages of one lane
     acks: list[tuple[int, int, int]]  # (packet id, qos, generation)
     result: BatchResult
     payload_bytes: int  # of all the batch's messages: the receiver's in-flight byte count
@@ -117,7 +133,10 @@ class Committer:
         self.outbound = outbound
         self.clock = clock
         self.policy = Policy(catalog=load_catalog(), horizon_s=settings.buffer_horizon_days * 86_400.0)
+        # What the main session delivered (None is DRAIN), and what the events session did.
         self.queue: queue.SimpleQueue[Received | None] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[Received] = queue.SimpleQueue()
+        self._inbound = threading.Event()  # set by the reader after each bundle
         # The writer's connections, one per batch in flight, opened at start; the registry
         # feed keeps its own (LISTEN needs one for good).
         self.store = Store.known(
@@ -149,6 +168,8 @@ class Committer:
         # Messages taken off the queue ahead of the next batch (the urgent one that ended the
         # last batch, or what the emergency lane swept past), oldest first; None is DRAIN.
         self._pending: deque[Received | None] = deque()
+        # The same for the events queue (a serial batch the overtaking left for the main loop).
+        self._pending_events: deque[Received] = deque()
         # Batches cut off by the emergency lane, with the sequence numbers they were given.
         self._deferred: deque[tuple[list[Received], int]] = deque()
 
@@ -162,8 +183,8 @@ class Committer:
             while not self._receiver_gone.is_set():
                 if not self._submit_deferred():
                     break
-                batch, last = self._next_batch()
-                if batch and not self._submit(batch):
+                batch, lane, last = self._next_batch()
+                if batch and not self._submit(batch, lane):
                     break
                 if last:
                     if self._submit_deferred() and self._wait_reported():
@@ -181,39 +202,46 @@ class Committer:
     # ---- inbound: bundles from the receiver, interpreted here ---------------------------
 
     def _read(self) -> None:
-        policy, put = self.policy, self.queue.put
+        policy, put, put_event, wake = self.policy, self.queue.put, self.events.put, self._inbound.set
         try:
             while True:
                 bundle: list[Wire] | None = pickle.loads(self.inbound.recv_bytes())
                 if bundle is DRAIN:
                     self._draining = True
                     put(None)
+                    wake()
                     return
                 registry = self.feed.current
-                for topic, payload, received_at, mid, qos, generation, retained in bundle:
+                for topic, payload, received_at, mid, qos, generation, retained, lane in bundle:
                     interp = interpret(topic, payload, received_at, registry, policy, retained)
-                    put(Received(topic, payload, received_at, interp, mid, qos, generation, retained))
+                    item = Received(topic, payload, received_at, interp, mid, qos, generation, retained)
+                    (put_event if lane == EVENT_LANE else put)(item)
+                wake()
         except (EOFError, OSError):
             log.warning("the receiving process went away; stopping")
             self._receiver_gone.set()
             put(None)
+            wake()
 
-    def _next_batch(self) -> tuple[list[Received], bool]:
-        """Up to batch_size messages within the max delay (an emergency ends the wait).
+    def _next_batch(self) -> tuple[list[Received], Lane, bool]:
+        """The next batch and its lane: events first, else up to batch_size main messages
+        within the max delay (an emergency, or an event waiting, ends the wait).
 
         The flag is true when the receiver's DRAIN was reached: nothing more will come.
         """
         s = self.settings
-        first: Received | None
-        if self._pending:  # what was taken off the queue ahead of this batch comes first
-            first = self._pending.popleft()
-        else:
-            try:
-                first = self.queue.get(timeout=0.2)
-            except queue.Empty:
-                return [], False
+        if not self._wait_for_inbound(0.2):
+            return [], MAIN_LANE, False
+        if self._events_waiting():
+            return self._event_batch(), EVENT_LANE, False
+        # What was taken off the queue ahead of this batch comes first. Not empty: only this
+        # thread takes from the queue, and it was not empty a moment ago.
+        first = self._pending.popleft() if self._pending else self.queue.get_nowait()
         if first is None:
-            return [], True
+            if not self._events_waiting():
+                return [], MAIN_LANE, True
+            self._pending.appendleft(None)  # the events queued before DRAIN are committed first
+            return self._event_batch(), EVENT_LANE, False
         batch = [first]
         deadline = time.monotonic() + s.batch_max_delay_ms / 1000
         urgent = first.interp.immediate
@@ -221,20 +249,55 @@ class Committer:
             with contextlib.suppress(queue.Empty):  # took all there was
                 while len(batch) < s.batch_size:
                     item = self._pending.popleft() if self._pending else self.queue.get_nowait()
-                    if item is None:
-                        return batch, True
-                    if item.interp.immediate:
+                    if item is None or item.interp.immediate:
                         # The emergency lane: what came before goes now, the urgent one next,
                         # in a batch of its own that need not wait behind reading batches.
+                        # (DRAIN, next too: the events queued before it go first.)
                         self._pending.appendleft(item)
-                        return batch, False
+                        return batch, MAIN_LANE, False
                     batch.append(item)
             remaining = deadline - time.monotonic()
-            if urgent or len(batch) >= s.batch_size or remaining <= 0:
+            if len(batch) >= s.batch_size or remaining <= 0 or self._events_waiting():
                 break
             # Napping and then taking everything queued costs less CPU than waking per message.
             time.sleep(min(0.002, remaining))
-        return batch, False
+        return batch, MAIN_LANE, False
+
+    def _wait_for_inbound(self, timeout: float) -> bool:
+        """Wait until a message is queued on either lane (or DRAIN); False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._inbound.clear()  # before looking, so a bundle put right after still wakes us
+            if self._pending or self._events_waiting() or not self.queue.empty():
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._inbound.wait(remaining):
+                return False
+
+    def _events_waiting(self) -> bool:
+        return bool(self._pending_events) or not self.events.empty()
+
+    def _take_event(self) -> Received | None:
+        if self._pending_events:
+            return self._pending_events.popleft()
+        try:
+            return self.events.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _event_batch(self) -> list[Received]:
+        """The next batch of the events lane, from what is queued now (no waiting): an urgent
+        event alone (as on the emergency lane), or the others (refused ones) up to the next."""
+        batch: list[Received] = []
+        while len(batch) < self.settings.batch_size and (item := self._take_event()) is not None:
+            if item.interp.immediate:
+                if batch:
+                    self._pending_events.appendleft(item)
+                else:
+                    batch.append(item)
+                break
+            batch.append(item)
+        return batch
 
     # ---- committing ---------------------------------------------------------------------
 
@@ -260,7 +323,7 @@ class Committer:
         """Submit the batches the emergency lane cut off, in their order; False once one gave up."""
         while self._deferred:
             batch, seq = self._deferred.popleft()
-            if not self._submit(batch, seq):
+            if not self._submit(batch, MAIN_LANE, seq):
                 return False
         return True
 
@@ -270,10 +333,13 @@ class Committer:
         return seq
 
     def _overtake(self) -> None:
-        """While a reading batch waits for a slot: an urgent plain event already queued is written
-        now, ahead of what came between (which keeps its place in the acknowledgement order)."""
+        """While a reading batch waits for a slot: a plain event batch of the events lane, or an
+        urgent plain event already queued on the main lane, is written now, ahead of what came
+        between on that lane (which keeps its place in the acknowledgement order)."""
         if self._events_in_flight:
             return  # one event batch at a time; it will be found by the next batch instead
+        if self._overtake_events():
+            return
         with contextlib.suppress(queue.Empty):
             while len(self._pending) < 2 * self.settings.batch_size:
                 item = self.queue.get_nowait()
@@ -291,10 +357,24 @@ class Committer:
                 size = self.settings.batch_size
                 for start in range(0, len(before), size):  # they arrived first: lower numbers
                     self._deferred.append((before[start : start + size], self._reserve()))
-                self._submit([item], self._reserve())
+                self._submit([item], MAIN_LANE, self._reserve())
                 return
 
-    def _submit(self, batch: list[Received], seq: int | None = None) -> bool:
+    def _overtake_events(self) -> bool:
+        """Submit the events lane's next batch if it is a plain one and none is in flight.
+
+        It never waits: with no event batch in flight, an event batch takes no slot. A serial
+        one stays at the head of its queue for the main loop (its lane keeps its order).
+        """
+        if self._events_in_flight or not self._events_waiting():
+            return False
+        batch = self._event_batch()
+        if self._kind(batch) != EVENTS:
+            self._pending_events.extendleft(reversed(batch))
+            return False
+        return self._submit(batch, EVENT_LANE)
+
+    def _submit(self, batch: list[Received], lane: Lane, seq: int | None = None) -> bool:
         """Write the batch beside the one in flight, or alone after it; False once one gave up.
 
         ``seq``: the batch's place in the acknowledgement order, if the emergency lane gave it
@@ -304,7 +384,7 @@ class Committer:
             seq = self._reserve()
         kind = self._kind(batch)
         if kind == SERIAL:
-            return self._wait_reported(seq) and self._commit(batch, seq)
+            return self._wait_alone(seq, lane) and self._commit(batch, seq, lane)
         if kind == EVENTS:
             with self._turn:  # never beside another event batch; no reading batch's slot
                 while self._events_in_flight and not self._failed:
@@ -322,10 +402,28 @@ class Committer:
             if self._failed:
                 self._slots.release()
                 return False
-        self._writers.submit(self._commit_released, batch, seq, kind)
+        self._writers.submit(self._commit_released, batch, seq, lane, kind)
         return True
 
-    def _commit_released(self, batch: list[Received], seq: int, kind: str = READINGS) -> None:
+    def _wait_alone(self, seq: int, lane: Lane) -> bool:
+        """For a serial batch: wait until every earlier batch is reported and no event batch is
+        being written; False if one gave up.
+
+        Meanwhile plain event batches of the events lane go ahead of a main-lane batch (not of
+        an events-lane one: that lane keeps its order); it then waits for them to be written.
+        """
+        overtaking = lane == MAIN_LANE
+        while True:
+            with self._turn:
+                if self._failed:
+                    return False
+                if self._reported >= seq and not self._events_in_flight:
+                    return True
+                self._turn.wait(0.002 if overtaking else 0.5)
+            if overtaking:
+                self._overtake_events()
+
+    def _commit_released(self, batch: list[Received], seq: int, lane: Lane, kind: str = READINGS) -> None:
         gate = [kind == EVENTS]  # an event batch opens the gate once written, not once reported
 
         def written() -> None:
@@ -336,7 +434,7 @@ class Committer:
                     self._turn.notify_all()
 
         try:
-            self._commit(batch, seq, written)
+            self._commit(batch, seq, lane, written)
         except BaseException:
             log.exception("batch writer failed; stopping")
             self._give_up()
@@ -378,7 +476,9 @@ class Committer:
                 item.topic, item.payload, item.received_at, registry, self.policy, item.retained
             )
 
-    def _commit(self, batch: list[Received], seq: int, written: Callable[[], None] | None = None) -> bool:
+    def _commit(
+        self, batch: list[Received], seq: int, lane: Lane, written: Callable[[], None] | None = None
+    ) -> bool:
         """Write the batch (retrying until it commits), report it in turn; False if giving up.
 
         ``written`` is called once the batch has committed, before it waits for its turn to report.
@@ -428,6 +528,7 @@ class Committer:
             if first and not first[0].flags:
                 lags.append(max(0.0, committed - first[0].time.timestamp()))
         report = CommitReport(
+            lane=lane,
             acks=[(m.mid, m.qos, m.generation) for m in batch if m.qos],
             result=result,
             payload_bytes=sum(len(m.payload) for m in batch),

@@ -3,27 +3,36 @@
 A worker is two processes, so that paho (the receiver) and the database work (the
 committer, ``committer.py``) each have a core and an interpreter lock of their own:
 
-- receiver, paho's network thread: takes a message off the socket and appends it to the
-  outgoing bundle. While ``queue_size`` messages or ``queue_bytes`` of payload are received
-  but not yet committed, it waits: paho stops reading its socket, and TCP plus the broker's
-  in-flight limit (MQTT 5 receive maximum) hold everything else back: backpressure without
-  loss. While it waits it still sends what the acks thread queued and a PINGREQ now and
-  then, so a long database outage does not cost the broker connection.
+- receiver, two paho clients (*links*), each on an MQTT session of its own: the events link
+  takes ``.../events`` (an SOS, a fall), the main link everything else. The broker delivers
+  one session's messages first in, first out, so on one session an SOS would wait behind any
+  telemetry backlog (a burst, a database outage); on its own it arrives at once.
+- receiver, each link's network thread: takes a message off the socket and appends it to
+  the link's outgoing bundle. While ``queue_size`` messages or ``queue_bytes`` of payload
+  the link received are not yet committed, it waits: paho stops reading its socket, and TCP
+  plus the broker's in-flight limit (MQTT 5 receive maximum) hold everything else back:
+  backpressure without loss, per link (a full telemetry queue never holds the events link).
+  While it waits it still sends what the acks thread queued and a PINGREQ now and then, so
+  a long database outage does not cost the broker connection.
 - receiver, ``bundles`` thread: every millisecond or so, sends what was received to the
-  committer over a pipe.
+  committer over a pipe, the events link's first.
 - receiver, ``acks`` thread: reads the committer's reports and acknowledges each committed
-  message (paho-mqtt 2 manual acks, in arrival order), and keeps the Prometheus metrics.
+  message on the link that received it (paho-mqtt 2 manual acks, in that link's arrival
+  order), and keeps the Prometheus metrics.
 - committer: interprets, batches by size or a short delay (an event or an emergency
-  reading flushes at once), writes one transaction per batch, reports it.
+  reading flushes at once; events are taken first), writes one transaction per batch,
+  reports it.
 
 A message received on an earlier connection is never acknowledged on a later one (its
 packet id may have been reused): the broker redelivers it and dedup drops the copy.
 
-Which session: by default one plain subscription on one persistent session, consumed by
-whichever worker holds the ingest lease (``lease.py`` says why: Mosquitto 2.0 does not
-restore ``$share`` subscriptions after a restart); other workers stand by. With
-``ELDERCARE_MQTT_SHARED_GROUP`` set, every worker takes a share on a session of its own
-(for brokers that persist shared subscriptions).
+Which sessions: by default plain subscriptions on two persistent sessions (``<client id>``
+and ``<client id>-events``), consumed by whichever worker holds the ingest lease
+(``lease.py`` says why: Mosquitto 2.0 does not restore ``$share`` subscriptions after a
+restart); other workers stand by. With ``ELDERCARE_MQTT_SHARED_GROUP`` set, every worker
+takes a share on two sessions of its own (for brokers that persist shared subscriptions).
+The events link subscribes before the main link connects, and the main link unsubscribes
+the events filters (a session from before the split still has them), so events come once.
 """
 
 from __future__ import annotations
@@ -50,10 +59,20 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from psycopg.conninfo import conninfo_to_dict
 
-from eldercare.devices.topics import SUBSCRIPTIONS
+from eldercare.devices.topics import EVENT_SUBSCRIPTIONS, TELEMETRY_SUBSCRIPTIONS
 from eldercare.gateway.ingest import metrics
 from eldercare.gateway.ingest.alerting import batch_step
-from eldercare.gateway.ingest.committer import DONE, DRAIN, CommitReport, Wire, committer_main, store_flavour
+from eldercare.gateway.ingest.committer import (
+    DONE,
+    DRAIN,
+    EVENT_LANE,
+    MAIN_LANE,
+    CommitReport,
+    Lane,
+    Wire,
+    committer_main,
+    store_flavour,
+)
 from eldercare.gateway.ingest.lease import IngestLease
 from eldercare.gateway.settings import Settings
 from eldercare.gateway.store.flavour import Flavour
@@ -68,20 +87,23 @@ BUNDLE_EVERY_S = 0.001
 RECONNECT_MIN_S, RECONNECT_MAX_S = 0.2, 1.0
 #: The session's client id when every worker shares one session (no shared group).
 SESSION_CLIENT_ID = "eldercare-ingest"
+#: The events session's client id is the main one's with this after it.
+EVENTS_SUFFIX = "-events"
 #: How often a worker waiting for the database tries again.
 STORE_RETRY_S = 2.0
 _slot_locks: list[IO[str]] = []  # open for the life of the process: they hold the slots
 
 
-def subscriptions(settings: Settings) -> list[str]:
-    """The topic filters the worker subscribes to (shared when a group is set).
+def subscriptions(settings: Settings, lane: Lane) -> list[str]:
+    """The topic filters a lane's client subscribes to (shared when a group is set).
 
     The device-to-gateway topics only, not ``eldercare/v1/#``: that would also deliver the
     commands the gateway itself publishes to devices.
     """
+    topics = EVENT_SUBSCRIPTIONS if lane == EVENT_LANE else TELEMETRY_SUBSCRIPTIONS
     if settings.mqtt_shared_group:
-        return [f"$share/{settings.mqtt_shared_group}/{t}" for t in SUBSCRIPTIONS]
-    return list(SUBSCRIPTIONS)
+        return [f"$share/{settings.mqtt_shared_group}/{t}" for t in topics]
+    return list(topics)
 
 
 def default_client_id(settings: Settings) -> str:
@@ -110,6 +132,11 @@ def default_client_id(settings: Settings) -> str:
         _slot_locks.append(handle)
         return f"eldercare-ingest-{host}-{slot}"
     raise RuntimeError("more than 256 ingest workers on one host: set ELDERCARE_MQTT_CLIENT_ID")
+
+
+def events_client_id(client_id: str) -> str:
+    """The client id of the events session beside the session ``client_id``."""
+    return client_id + EVENTS_SUFFIX
 
 
 def database_target(conninfo: str) -> str:
@@ -155,7 +182,7 @@ class IngestWorker:
     """One ingest worker: waits for the store and (by default) the lease, then consumes.
 
     ``run`` blocks until ``stop`` is called. Each stretch of holding the lease is one
-    ``IngestSession`` (its own committer process and MQTT client); a worker that loses the
+    ``IngestSession`` (its own committer process and MQTT clients); a worker that loses the
     lease to another goes back to standing by.
     """
 
@@ -195,31 +222,47 @@ class IngestWorker:
         self._stopping.set()
 
 
-class IngestSession:
-    """One connection's worth of consuming: a committer process, a paho client, two threads."""
+class Link:
+    """One of the worker's two MQTT clients (each on a session of its own) and what it holds.
 
-    def __init__(self, worker: IngestWorker, lease: IngestLease | None) -> None:
-        self.settings = worker.settings
-        self.retire = worker.retire
-        self.clock = worker.clock
-        self.client_id = worker.client_id
-        self.flavour = worker.flavour
-        self._worker_stopping = worker._stopping
-        self._lease = lease
-        self._last_message = time.monotonic()
-        self._outgoing: deque[Wire] = deque()
-        self._arrived = threading.Event()
-        self._received = 0  # written by paho's thread only
-        self._received_bytes = 0
-        self._acked = 0  # written by the acks thread only
-        self._acked_bytes = 0
-        self._stopping = threading.Event()
-        self._committer_gone = threading.Event()
-        self._done = threading.Event()
-        self._generation = 0
-        self._connected = threading.Event()
+    Each link has its own in-flight bound (a full telemetry queue blocks the main link's
+    network thread, never the events link's) and its own connection generation: a message is
+    acknowledged by the client that received it, on the connection that received it.
+    """
+
+    def __init__(
+        self,
+        lane: Lane,
+        client_id: str,
+        settings: Settings,
+        *,
+        retire: bool,
+        clock: Callable[[], float],
+        arrived: threading.Event,
+        stopping: threading.Event,
+        committer_gone: threading.Event,
+    ) -> None:
+        self.lane = lane
+        self.client_id = client_id
+        self.settings = settings
+        self.retire = retire
+        self.clock = clock
+        self._arrived = arrived  # shared with the other link: wakes the bundles thread
+        self._stopping = stopping
+        self._committer_gone = committer_gone
+        self.outgoing: deque[Wire] = deque()  # received, not yet sent to the committer
+        self.received = 0  # written by paho's thread only
+        self.received_bytes = 0
+        self.acked = 0  # written by the acks thread only
+        self.acked_bytes = 0
+        self.generation = 0
+        self.last_message = time.monotonic()
+        self.connected = threading.Event()
+        self.ready = threading.Event()  # the broker answered the first (un)subscribe
+        self.started = False
+        self._awaited: int | None = None  # the packet id of that (un)subscribe
         self._broker_said = False
-        self._client = self._make_client()
+        self.client = self._make_client()
 
     # ---- MQTT side (paho's network thread) ---------------------------------------------
 
@@ -244,6 +287,8 @@ class IngestSession:
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_message = self._on_message
         return client
 
@@ -258,64 +303,92 @@ class IngestSession:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("broker refused the connection", extra={"reason": str(reason_code)})
+            log.error("broker refused the connection", extra={"lane": self.lane, "reason": str(reason_code)})
             return
-        self._generation += 1
+        self.generation += 1
         self._broker_said = False
+        s = self.settings
+        topics = subscriptions(s, self.lane)
         log.info(
             "connected to the broker",
             extra={
-                "broker": repr(self.settings.mqtt),
+                "broker": repr(s.mqtt),
+                "lane": self.lane,
                 "client_id": self.client_id,
                 "session_present": bool(flags.session_present),
-                "subscriptions": len(subscriptions(self.settings)),
+                "subscriptions": len(topics),
             },
         )
+        if self.lane == MAIN_LANE:
+            # A session from before events had their own still holds their filters: without
+            # this, each event would come twice, and the copy here behind the telemetry.
+            client.unsubscribe(subscriptions(s, EVENT_LANE))
         if self.retire:
             # No new share of the group's messages; what the session holds still comes.
-            client.unsubscribe(subscriptions(self.settings))
-        elif self.settings.mqtt_protocol == "5":
+            _, self._awaited = client.unsubscribe(topics)
+        elif s.mqtt_protocol == "5":
             # retain_handling=1: retained messages only when the subscription is new.
             options = SubscribeOptions(qos=1, retainHandling=1)
-            client.subscribe([(t, options) for t in subscriptions(self.settings)])
+            _, self._awaited = client.subscribe([(t, options) for t in topics])
         else:
-            client.subscribe([(t, 1) for t in subscriptions(self.settings)])
-        self._connected.set()
+            _, self._awaited = client.subscribe([(t, 1) for t in topics])
+        self.connected.set()
+
+    def _on_subscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
+        if mid != self._awaited:
+            return
+        refused = [str(rc) for rc in reason_code_list if rc.is_failure]
+        if refused:
+            log.error("broker refused a subscription", extra={"lane": self.lane, "reasons": refused})
+        self.ready.set()
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
+        if mid == self._awaited:
+            self.ready.set()
 
     def _on_connect_fail(self, client, userdata) -> None:
         if not self._broker_said:  # one line per outage, not one per attempt
             log.warning(
                 "waiting for the broker",
-                extra={"broker": repr(self.settings.mqtt), "retry_every_s": RECONNECT_MAX_S},
+                extra={
+                    "broker": repr(self.settings.mqtt),
+                    "lane": self.lane,
+                    "retry_every_s": RECONNECT_MAX_S,
+                },
             )
             self._broker_said = True
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self._connected.clear()
+        self.connected.clear()
         if not self._stopping.is_set():
-            log.warning("lost the broker connection, reconnecting", extra={"reason": str(reason_code)})
+            log.warning(
+                "lost the broker connection, reconnecting",
+                extra={"lane": self.lane, "reason": str(reason_code)},
+            )
 
     def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         if self._stopping.is_set():
             return  # not acked: the broker redelivers it to the next session
-        self._last_message = time.monotonic()
+        self.last_message = time.monotonic()
         payload = bytes(msg.payload)  # paho hands over bytes (bytes() of bytes: no copy)
         if self._full(len(payload)) and not self._wait_for_room(client, len(payload)):
             return
-        outgoing = self._outgoing
-        outgoing.append((msg.topic, payload, self.clock(), msg.mid, msg.qos, self._generation, msg.retain))
-        self._received += 1
-        self._received_bytes += len(payload)
+        outgoing = self.outgoing
+        outgoing.append(
+            (msg.topic, payload, self.clock(), msg.mid, msg.qos, self.generation, msg.retain, self.lane)
+        )
+        self.received += 1
+        self.received_bytes += len(payload)
         if len(outgoing) == 1:
             self._arrived.set()
 
     def _full(self, size: int) -> bool:
         """True while taking one more message would pass the in-flight bound (count or bytes)."""
-        held = self._received - self._acked
+        held = self.received - self.acked
         if held >= self.settings.queue_size:
             return True
         # One message always fits when nothing is held, whatever its size.
-        return held > 0 and self._received_bytes - self._acked_bytes + size > self.settings.queue_bytes
+        return held > 0 and self.received_bytes - self.acked_bytes + size > self.settings.queue_bytes
 
     def _wait_for_room(self, client: mqtt.Client, size: int) -> bool:
         """Backpressure: block paho's thread (its socket is not read) until there is room.
@@ -338,22 +411,122 @@ class IngestSession:
                 _send_keepalive(client)
         return True
 
+    # ---- the acks thread ----------------------------------------------------------------
+
+    def ack(self, report: CommitReport) -> int:
+        """Acknowledge a committed batch of this link's; how many acks went out."""
+        generation, ack = self.generation, self.client.ack
+        acked = 0
+        for mid, qos, gen in report.acks:
+            if gen == generation:
+                ack(mid, qos)
+                acked += 1
+        self.acked_bytes += report.payload_bytes  # before the count: the waiter reads both
+        self.acked += report.result.messages  # QoS 0 ones too: they left the pipeline
+        return acked
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        s, target = self.settings, self.settings.mqtt
+        if s.mqtt_protocol == "5":
+            self.client.connect_async(
+                target.host,
+                target.port,
+                keepalive=s.mqtt_keepalive,
+                clean_start=False,
+                properties=self._connect_properties(),
+            )
+        else:  # 3.1.1: the persistent session comes from clean_session=False on the client
+            self.client.connect_async(target.host, target.port, keepalive=s.mqtt_keepalive)
+        self.client.loop_start()
+        self.started = True
+
+    def stop(self) -> None:
+        """Disconnect (a retiring link's session with it); after the last acks."""
+        if not self.started:
+            return
+        self.client.disconnect(properties=self._disconnect_properties())
+        self.client.loop_stop()
+        if self.retire and self.settings.mqtt_protocol != "5":
+            self._end_session_311()
+
+    def drained(self) -> bool:
+        """Connected, nothing received for RETIRE_IDLE_S, and everything received acked."""
+        idle = time.monotonic() - self.last_message >= RETIRE_IDLE_S
+        return self.connected.is_set() and idle and self.received == self.acked
+
+    def _disconnect_properties(self) -> Properties | None:
+        if not (self.retire and self.settings.mqtt_protocol == "5"):
+            return None
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = 0  # the broker forgets the session now
+        return props
+
+    def _end_session_311(self) -> None:
+        """MQTT 3.1.1 has no session expiry: a clean-session connect removes the session."""
+        target = self.settings.mqtt
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv311, clean_session=True
+        )
+        if target.username:
+            client.username_pw_set(target.username, target.password)
+        if target.tls:
+            client.tls_set()
+        client.connect(target.host, target.port)
+        client.disconnect()
+
+
+class IngestSession:
+    """One stretch of consuming: a committer process, two links (MQTT clients), two threads."""
+
+    def __init__(self, worker: IngestWorker, lease: IngestLease | None) -> None:
+        self.settings = worker.settings
+        self.retire = worker.retire
+        self.client_id = worker.client_id
+        self.flavour = worker.flavour
+        self._worker_stopping = worker._stopping
+        self._lease = lease
+        self._arrived = threading.Event()
+        self._stopping = threading.Event()
+        self._committer_gone = threading.Event()
+        self._done = threading.Event()
+
+        def link(lane: Lane, client_id: str) -> Link:
+            return Link(
+                lane,
+                client_id,
+                self.settings,
+                retire=self.retire,
+                clock=worker.clock,
+                arrived=self._arrived,
+                stopping=self._stopping,
+                committer_gone=self._committer_gone,
+            )
+
+        self.events = link(EVENT_LANE, events_client_id(self.client_id))
+        self.main = link(MAIN_LANE, self.client_id)
+        self.links = {EVENT_LANE: self.events, MAIN_LANE: self.main}  # events first
+
     # ---- the bundles and acks threads ---------------------------------------------------
 
     def _send_bundles(self, pipe: Connection) -> None:
-        outgoing, arrived = self._outgoing, self._arrived
+        links, arrived = list(self.links.values()), self._arrived
         try:
             while True:
                 arrived.clear()  # before looking, so an append right after still wakes us
-                if not outgoing:
+                if not any(link.outgoing for link in links):
                     if self._stopping.is_set():
                         break
                     arrived.wait(0.2)
                     continue
                 time.sleep(BUNDLE_EVERY_S)  # let a few more arrive: one send for many
-                bundle = [outgoing.popleft() for _ in range(len(outgoing))]
-                pipe.send_bytes(pickle.dumps(bundle, protocol=pickle.HIGHEST_PROTOCOL))
-                metrics.RECEIVED.inc(len(bundle))
+                for link in links:  # a bundle per link, the events link's first
+                    outgoing = link.outgoing
+                    if outgoing:
+                        bundle = [outgoing.popleft() for _ in range(len(outgoing))]
+                        pipe.send_bytes(pickle.dumps(bundle, protocol=pickle.HIGHEST_PROTOCOL))
+                        metrics.RECEIVED.inc(len(bundle))
             pipe.send_bytes(pickle.dumps(DRAIN))
         except OSError:
             self._committer_gone.set()
@@ -365,7 +538,7 @@ class IngestSession:
                 if report == DONE:
                     break
                 assert isinstance(report, CommitReport)
-                self._ack(report)
+                metrics.ACKED.inc(self.links[report.lane].ack(report))
                 self._record(report)
         except (EOFError, OSError):
             if not self._stopping.is_set():
@@ -373,17 +546,6 @@ class IngestSession:
             self._committer_gone.set()
         finally:
             self._done.set()
-
-    def _ack(self, report: CommitReport) -> None:
-        generation, ack = self._generation, self._client.ack
-        acked = 0
-        for mid, qos, gen in report.acks:
-            if gen == generation:
-                ack(mid, qos)
-                acked += 1
-        self._acked_bytes += report.payload_bytes  # before the count: the waiter reads both
-        self._acked += report.result.messages  # QoS 0 ones too: they left the pipeline
-        metrics.ACKED.inc(acked)
 
     def _record(self, report: CommitReport) -> None:
         result = report.result
@@ -401,7 +563,7 @@ class IngestSession:
         metrics.BATCH_FAILURES.inc(report.failures)
         metrics.BATCH_SIZE.observe(result.messages)
         metrics.COMMIT_SECONDS.observe(report.commit_seconds)
-        metrics.QUEUE_DEPTH.set(self._received - self._acked)
+        metrics.QUEUE_DEPTH.set(sum(link.received - link.acked for link in self.links.values()))
         for lag in report.lags:
             metrics.LAG_SECONDS.observe(lag)
 
@@ -435,42 +597,37 @@ class IngestSession:
         acks = threading.Thread(target=self._receive_reports, args=(reports_in,), name="acks")
         sender.start()
         acks.start()
-        target = s.mqtt
-        if s.mqtt_protocol == "5":
-            self._client.connect_async(
-                target.host,
-                target.port,
-                keepalive=s.mqtt_keepalive,
-                clean_start=False,
-                properties=self._connect_properties(),
-            )
-        else:  # 3.1.1: the persistent session comes from clean_session=False on the client
-            self._client.connect_async(target.host, target.port, keepalive=s.mqtt_keepalive)
-        self._client.loop_start()
         log.info(
             "ingest worker started",
             extra={
                 "client_id": self.client_id,
+                "events_client_id": self.events.client_id,
                 "flavour": self.flavour,
                 "subscription": "shared" if s.mqtt_shared_group else "plain (ingest lease held)",
             },
         )
         try:
+            # The main link connects once the events link has subscribed: no moment where an
+            # upgraded main session has dropped the events filters and the events one lacks
+            # them, and telemetry stored means events are taken too.
+            self.events.start()
+            while not self.events.ready.wait(0.2) and not self._ending():
+                pass
+            if not self._ending():
+                self.main.start()
             while not self._ending():
                 self._worker_stopping.wait(0.5)
-                if self.retire and self._drained():
+                if self.retire and all(link.drained() for link in self.links.values()):
                     log.info(
-                        "retired slot drained: removing its session", extra={"client_id": self.client_id}
+                        "retired slot drained: removing its sessions", extra={"client_id": self.client_id}
                     )
                     break
             self._stopping.set()
             sender.join(30)
             self._done.wait(60)  # the committer commits what it holds and reports it
         finally:
-            self._client.disconnect(properties=self._disconnect_properties())  # after the last acks
-            self._client.loop_stop()
-            if self.retire and self.settings.mqtt_protocol != "5":
-                self._end_session_311()
+            for link in self.links.values():
+                link.stop()  # after the last acks
             committer.join(10)
             if committer.is_alive():
                 committer.kill()
@@ -481,33 +638,6 @@ class IngestSession:
     def stop(self) -> None:
         """Stop taking messages; commit and ack what is held."""
         self._stopping.set()
-
-    # ---- retiring a slot for good ---------------------------------------------------------
-
-    def _drained(self) -> bool:
-        """Connected, nothing received for RETIRE_IDLE_S, and everything received acked."""
-        idle = time.monotonic() - self._last_message >= RETIRE_IDLE_S
-        return self._connected.is_set() and idle and self._received == self._acked
-
-    def _disconnect_properties(self) -> Properties | None:
-        if not (self.retire and self.settings.mqtt_protocol == "5"):
-            return None
-        props = Properties(PacketTypes.DISCONNECT)
-        props.SessionExpiryInterval = 0  # the broker forgets the session now
-        return props
-
-    def _end_session_311(self) -> None:
-        """MQTT 3.1.1 has no session expiry: a clean-session connect removes the session."""
-        target = self.settings.mqtt
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv311, clean_session=True
-        )
-        if target.username:
-            client.username_pw_set(target.username, target.password)
-        if target.tls:
-            client.tls_set()
-        client.connect(target.host, target.port)
-        client.disconnect()
 
 
 def _send_keepalive(client: mqtt.Client) -> None:

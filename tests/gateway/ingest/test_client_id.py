@@ -1,11 +1,14 @@
-"""Worker client ids: stable across restarts; with a shared group, unique among a host's workers."""
+"""Worker client ids (stable across restarts, unique on a host with a shared group) and topics."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from eldercare.gateway.ingest.worker import default_client_id
+import pytest
+
+from eldercare.devices.topics import SUBSCRIPTIONS
+from eldercare.gateway.ingest.worker import default_client_id, events_client_id, subscriptions
 from eldercare.gateway.settings import Settings
 
 CLAIM = (
@@ -46,3 +49,17 @@ def test_concurrent_workers_get_distinct_ids_and_a_restart_gets_its_slot_back() 
         for child in (first, second):
             if child.poll() is None:
                 child.communicate("")
+
+
+def test_events_have_a_session_of_their_own_named_after_the_main_one() -> None:
+    assert events_client_id(default_client_id(Settings())) == "eldercare-ingest-events"
+    assert events_client_id("ingest-a") == "ingest-a-events"
+
+
+@pytest.mark.parametrize("group", ["", "ingest"])
+def test_the_two_sessions_split_the_device_topics_between_them(group: str) -> None:
+    settings = Settings(mqtt_shared_group=group)
+    prefix = f"$share/{group}/" if group else ""
+    events, main = subscriptions(settings, "events"), subscriptions(settings, "main")
+    assert events == [f"{prefix}eldercare/v1/devices/+/events", f"{prefix}eldercare/v1/hubs/+/events"]
+    assert sorted(events + main) == sorted(prefix + t for t in SUBSCRIPTIONS)

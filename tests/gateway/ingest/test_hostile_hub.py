@@ -116,7 +116,9 @@ class CommitterOnPipes:
     def send(self, topic: str, payload: bytes) -> int:
         """Send one message in a bundle of its own; its packet id."""
         self._mid += 1
-        self._to_committer.send_bytes(pickle.dumps([(topic, payload, time.time(), self._mid, 1, 0, False)]))
+        self._to_committer.send_bytes(
+            pickle.dumps([(topic, payload, time.time(), self._mid, 1, 0, False, "main")])
+        )
         return self._mid
 
     def wait_acked(self, mid: int, timeout: float) -> float:
