@@ -64,6 +64,7 @@ from eldercare.gateway.ingest.alerting import batch_step
 from eldercare.gateway.settings import Settings
 from eldercare.gateway.store.devices import RegistryFeed
 from eldercare.gateway.store.flavour import Flavour
+from eldercare.gateway.store.migrate import pending as pending_migrations
 from eldercare.gateway.store.migrate import store_flavour as recorded_flavour
 from eldercare.gateway.store.store import Store
 from eldercare.gateway.store.writer import BatchResult, BatchStep, BatchWriter, Received
@@ -108,11 +109,19 @@ class CommitReport:
 
 
 def store_flavour(conninfo: str) -> Flavour:
-    """'timescale' or 'plain', as recorded by the migrations; raise if not migrated."""
+    """'timescale' or 'plain', as recorded by the migrations; raise if not migrated, or if a
+    migration of this version of the gateway is missing (the batch step would fail on every
+    batch and turn it into dead letters: refuse to start instead)."""
     with psycopg.connect(conninfo) as conn:
         flavour = recorded_flavour(conn)
+        missing = pending_migrations(conn) if flavour is not None else []
     if flavour is None:
         raise RuntimeError("the store is not migrated: run `eldercare migrate` first")
+    if missing:
+        raise RuntimeError(
+            f"the store lacks {len(missing)} migration(s) of this version ({', '.join(missing)}):"
+            " run `eldercare migrate` first"
+        )
     return flavour
 
 

@@ -256,6 +256,13 @@ def status(
     return sorted(out)
 
 
+def pending(conn: psycopg.Connection, source: Traversable | Path | None = None) -> list[str]:
+    """The known migrations not applied to this store yet, as ``NNNN_name``, oldest first."""
+    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    applied = set(_applied(conn)) if exists and exists[0] else set()
+    return [f"{m.version}_{m.name}" for m in load_migrations(source) if m.version not in applied]
+
+
 def sync_metrics(conn: psycopg.Connection) -> int:
     """Mirror the metric catalog into the ``metrics`` table (upsert); return rows written.
 

@@ -358,3 +358,20 @@ def test_days_still_dirty_at_the_upgrade_become_marks_of_their_hours(fresh_db: s
             ("e2", "spo2", day + timedelta(hours=11)),
         ]
         assert conn.execute("SELECT count(*) FROM rollup_dirty").fetchone() == (0,)
+
+
+def test_a_worker_refuses_a_store_that_lacks_a_migration_of_its_version(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    """An upgrade that forgot `eldercare migrate`: one clear line at start, not a dead letter per batch."""
+    from eldercare.gateway.ingest.committer import store_flavour
+
+    packaged = resources.files("eldercare.gateway.store").joinpath("migrations")
+    for entry in packaged.iterdir():
+        if entry.name.endswith(".sql") and not entry.name.startswith(PACKAGED[-1]):
+            (tmp_path / entry.name).write_text(entry.read_text(encoding="utf-8"), encoding="utf-8")
+    migrate(fresh_db, flavour="plain", source=tmp_path)
+    with pytest.raises(RuntimeError, match=rf"lacks 1 migration\(s\) of this version \({PACKAGED[-1]}_\w+\)"):
+        store_flavour(fresh_db)
+    migrate(fresh_db)
+    assert store_flavour(fresh_db) == "plain"
