@@ -53,7 +53,7 @@ def test_an_sos_is_committed_while_a_telemetry_backlog_still_waits_in_the_broker
     [pendant] = ingest.devices(1, elder="e-sos")
     probes = ingest.wait_until_subscribed(worker, devices[0])
     assert worker.stop() == 0
-    n = 20_000
+    n = 10_000  # the code before the events session stored about 94 % of it before the SOS
     backlog = Publisher(devices, n, rate=20_000)
     backlog.start()
     backlog.wait_all_acked(60)  # all of it queued in the worker's main session

@@ -172,7 +172,9 @@ def test_gateway_refuses_what_the_broker_would_have_let_through(ingest) -> None:
     ("channel", "urgent"),
     [
         ("events", {"msg_id": "urgent-1", "event": "fall_detected"}),
-        ("telemetry", {"msg_id": "urgent-1", "metrics": {"spo2": 82}}),
+        # the catalog's emergency band (blood_glucose < 3.0); spo2 82 is no longer one: it would
+        # only come in with the 4 s deadline, about when this test stops waiting
+        ("telemetry", {"msg_id": "urgent-1", "metrics": {"blood_glucose": 2.5}}),
     ],
     ids=["fall_event", "emergency_reading"],
 )
