@@ -156,8 +156,8 @@ class ScheduledRules:
         touched = [e for e in ids if _writes(job.decide(contexts[e], facts[e], now, self.new_id))]
         if not touched:
             return
-        store.lock_elders(cur, touched)
-        contexts = self._contexts(cur, plans, touched, now)
+        state = store.lock_and_read(cur, touched, now - RESOLVED_LOOKBACK)  # read again, locked
+        contexts = _elders(plans, touched, state.active, state.resolved)
         decisions = [d for e in touched for d in job.decide(contexts[e], facts[e], now, self.new_id)]
         self._persist(cur, decisions, now, report)
         report.changed += len(touched)
@@ -166,16 +166,7 @@ class ScheduledRules:
         self, cur: psycopg.Cursor[Any], plans: Mapping[str, PlannedRules], ids: Collection[str], now: datetime
     ) -> dict[str, Elder]:
         active = store.active_alerts(cur, ids)
-        resolved = store.recently_resolved(cur, ids, now - RESOLVED_LOOKBACK)
-        return {
-            e: Elder(
-                e,
-                plans[e].rules,
-                plans[e].plan,
-                ElderAlerts(dict(active.get(e, {})), dict(resolved.get(e, {}))),
-            )
-            for e in ids
-        }
+        return _elders(plans, ids, active, store.recently_resolved(cur, ids, now - RESOLVED_LOOKBACK))
 
     def _persist(
         self, cur: psycopg.Cursor[Any], decisions: list[ScheduledDecision], now: datetime, report: JobReport
@@ -366,3 +357,21 @@ def timers_cleanup(conn: psycopg.Connection[Any], now: datetime, keep: timedelta
     """Delete timers fired or cancelled more than ``keep`` ago; how many."""
     with conn.transaction(), conn.cursor() as cur:
         return timers.delete_finished(cur, now - keep)
+
+
+def _elders(
+    plans: Mapping[str, PlannedRules],
+    ids: Collection[str],
+    active: Mapping[str, Mapping[str, Any]],
+    resolved: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Elder]:
+    """The elders as the scheduled rules see them, from their plans and alerts as read."""
+    return {
+        e: Elder(
+            e,
+            plans[e].rules,
+            plans[e].plan,
+            ElderAlerts(dict(active.get(e, {})), dict(resolved.get(e, {}))),
+        )
+        for e in ids
+    }

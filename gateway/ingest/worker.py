@@ -611,10 +611,10 @@ class IngestSession:
             # upgraded main session has dropped the events filters and the events one lacks
             # them, and telemetry stored means events are taken too.
             self.events.start()
-            while not self.events.ready.wait(0.2) and not self._ending():
-                pass
-            if not self._ending():
-                self.main.start()
+            while not self._ending():
+                if self.events.ready.wait(0.2):
+                    self.main.start()
+                    break
             while not self._ending():
                 self._worker_stopping.wait(0.5)
                 if self.retire and all(link.drained() for link in self.links.values()):

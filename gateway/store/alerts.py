@@ -238,19 +238,6 @@ def _history_from(series_rows: Iterable[Sequence[Any]], event_rows: Iterable[Seq
     return History({k: sorted(v) for k, v in points.items()}, dict(times))
 
 
-def load_history(cur: psycopg.Cursor[Any], series: Sequence[Lookup], events: Sequence[Lookup]) -> History:
-    """The readings and event times the engine asked for."""
-    series_rows: list[Sequence[Any]] = []
-    event_rows: list[Sequence[Any]] = []
-    if series:
-        cur.execute(_SERIES_SQL, _series_params(series))
-        series_rows = cur.fetchall()
-    if events:
-        cur.execute(_EVENTS_SQL, _event_params(events))
-        event_rows = cur.fetchall()
-    return _history_from(series_rows, event_rows)
-
-
 @dataclass(frozen=True, slots=True)
 class DecisionState:
     """What deciding needs, read under the elders' locks: active alerts, recent resolutions
