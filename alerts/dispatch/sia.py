@@ -100,7 +100,7 @@ DEFAULT_CODES = CodeTable(
         {
             "smoke_detected": EventCode("FA", "Fire Alarm, fire condition detected (Contact ID 111 smoke)"),
             "gas_leak": EventCode("GA", "Gas Alarm (Contact ID 151)"),
-            "water_leak": EventCode("WA", "Water Alarm, water detected at the premises (Contact ID 113)"),
+            "water_leak": EventCode("WA", "Water Alarm, water detected at the premises"),
         }
     ),
     rules=MappingProxyType(
@@ -267,6 +267,8 @@ def _title(alert: Mapping[str, Any]) -> str:
     text = str(title)
     if " / " in text:  # "跌倒未起身 / Fall, no recovery": the English half
         text = text.rsplit(" / ", 1)[1]
+    if alert.get("late"):  # the operator must know the event is not happening now
+        text = f"{text} (late, raised {alert.get('raised_at', '?')})"
     return _text(text)
 
 

@@ -7,6 +7,7 @@ build and builds the answers we read, offline. Its accounts are made with no tim
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -36,7 +37,9 @@ from eldercare.alerts.dispatch.sia import (
     zone_of,
 )
 
-RULES_FILE = Path(__file__).resolve().parents[3] / "alerts" / "default_rules.toml"
+ROOT = Path(__file__).resolve().parents[3]
+RULES_FILE = ROOT / "alerts" / "default_rules.toml"
+DOCS = ROOT / "docs" / "sia-dc09.md"
 #: 2026-11-22 06:00:03 UTC, the spec's example alert.
 AT = int(datetime(2026, 11, 22, 6, 0, 3, tzinfo=UTC).timestamp())
 #: pysiaalarm's keys: the characters are the key bytes (16, 24, 32 of them).
@@ -240,6 +243,12 @@ def test_the_zone_is_the_number_a_device_id_ends_in(device: str, zone: str) -> N
     assert zone_of(device) == zone
 
 
+def test_a_late_alert_says_so_in_its_alarm_text() -> None:
+    late = DOCUMENT | {"alert": DOCUMENT["alert"] | {"late": True, "raised_at": "2026-11-22T05:40:00Z"}}
+    event = decoded(build_message(attempt(document=late), pad_source=counting_pad).frame)
+    assert (event.x_data or "").startswith("IFall, no recovery (late, raised 2026-11-22T05:40:00Z); dispatch")
+
+
 def test_alarm_text_keeps_the_dispatch_id_when_the_title_is_long() -> None:
     text = alarm_text("T" * 400, "8b1c0f", "w-0007")
     assert len(text) == 256 and text.endswith("dispatch 8b1c0f; device w-0007")
@@ -382,3 +391,24 @@ def test_an_encrypted_answer_under_another_key_is_refused() -> None:
     raw = decoded(message.frame, KEYS["AES-128"]).create_response()
     with pytest.raises(AnswerError, match="key"):
         parse_answer(raw, b"FEDCBA9876543210")
+
+
+# --- The docs say what the code does -----------------------------------------------------------
+
+
+def test_the_docs_example_is_the_message_the_code_builds() -> None:
+    example = re.search(r"^<LF>(.*)<CR>$", DOCS.read_text(encoding="utf-8"), re.M)
+    assert example is not None
+    built = build_message(attempt(), pad_source=counting_pad).frame
+    assert built == b"\n" + example.group(1).encode("ascii") + b"\r"
+
+
+def test_the_docs_code_table_is_the_default_table() -> None:
+    row = re.compile(r"^\| (event|rule|severity) \| `([^`]+)` \| ([A-Z]{2}) \|", re.M)
+    documented = set(row.findall(DOCS.read_text(encoding="utf-8")))
+    tables = (
+        ("event", DEFAULT_CODES.events),
+        ("rule", DEFAULT_CODES.rules),
+        ("severity", DEFAULT_CODES.severities),
+    )
+    assert documented == {(kind, key, e.code) for kind, table in tables for key, e in table.items()}
