@@ -394,7 +394,7 @@ def parse_answer(raw: bytes, key: bytes | None = None) -> Answer:
     (no CRC, length or sequence); that is accepted too.
     """
     try:
-        text = raw.decode("ascii").strip()
+        text = raw.decode("ascii").partition("\r")[0].strip()  # one answer: up to its CR
     except UnicodeDecodeError:
         raise AnswerError("the answer is not ASCII") from None
     if not text:

@@ -359,6 +359,11 @@ def test_pysiaalarms_duh_is_permanent() -> None:
     assert isinstance(judge(message, answer), Permanent)
 
 
+def test_only_the_first_frame_of_an_answer_is_read() -> None:
+    answer = parse_answer(frame('"ACK"0401R12L3#1234[]') + b"\n trailing bytes")
+    assert (answer.kind, answer.sequence) == ("ACK", 401)
+
+
 def test_an_ack_for_another_sequence_is_not_a_delivery() -> None:
     message = build_message(attempt(), pad_source=counting_pad)
     other = (message.sequence % 9999) + 1
