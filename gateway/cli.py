@@ -18,6 +18,7 @@ from eldercare.gateway.alert_commands import alerts_app, tasks_app
 from eldercare.gateway.bench.options import BenchOptions, Protocol
 from eldercare.gateway.care_commands import elders_app, rules_app
 from eldercare.gateway.settings import SETTINGS_HELP, Settings, SettingsError, load_settings
+from eldercare.gateway.simulate_commands import simulate_app
 
 console = Console(stderr=True, soft_wrap=True)
 # "\b" keeps click from re-flowing the table of settings.
@@ -40,6 +41,7 @@ app.add_typer(rules_app, name="rules", epilog=EPILOG)
 app.add_typer(elders_app, name="elders", epilog=EPILOG)
 app.add_typer(alerts_app, name="alerts", epilog=EPILOG)
 app.add_typer(tasks_app, name="tasks", epilog=EPILOG)
+app.add_typer(simulate_app, name="simulate")
 #: The documented benchmark's figures, for the help of ``bench ingest``.
 BENCH_DEFAULTS = BenchOptions()
 

@@ -54,10 +54,8 @@ log = logging.getLogger(__name__)
 #: The hotlines, in port order (control port + 1, + 2, ... when a port is given).
 HOTLINES: tuple[str, ...] = ("120", "12349", "12320", "sms", "family_doctor")
 
-#: Tries per acknowledgement (the first and the retries), and the pause before the first retry
-#: (doubled each time).
+#: Tries per acknowledgement: the first and two retries.
 ACK_TRIES = 3
-ACK_BACKOFF_S = 0.2
 #: How long starting or stopping one server may take.
 SERVER_DEADLINE_S = 10.0
 
@@ -96,7 +94,8 @@ class HotlineSimulator:
     ``port``: the control endpoint's; hotline i (in ``hotlines`` order) takes ``port + 1 + i``.
     0 (the default) takes free ports. ``secrets`` / ``api_keys``: per hotline; the missing ones
     are generated (``generated_secrets`` / ``generated_api_keys`` say which). ``ack_delay_s``
-    and ``ack_statuses`` are every hotline's first acknowledgement plan (``set_acks`` changes one).
+    and ``ack_statuses`` are every hotline's first acknowledgement plan (``set_acks`` changes one);
+    an acknowledgement not taken is tried again after ``ack_backoff_s``, then twice that.
     """
 
     def __init__(
@@ -110,6 +109,7 @@ class HotlineSimulator:
         ack_delay_s: float = 1.0,
         ack_statuses: Iterable[AckStatus] = ("accepted",),
         ack_timeout_s: float = 5.0,
+        ack_backoff_s: float = 0.5,
     ) -> None:
         names = list(dict.fromkeys(hotlines))
         secrets = secrets or {}
@@ -131,6 +131,7 @@ class HotlineSimulator:
         self._control_port = port
         self._ports = {name: (port + 1 + i if port else 0) for i, name in enumerate(names)}
         self._ack_timeout_s = ack_timeout_s
+        self._ack_backoff_s = ack_backoff_s
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._running: dict[str, _Running] = {}
@@ -353,7 +354,7 @@ class HotlineSimulator:
             if answer is not None and (200 <= answer < 300 or (answer < 500 and answer not in (408, 429))):
                 return
             if try_number < ACK_TRIES:
-                await asyncio.sleep(ACK_BACKOFF_S * 2 ** (try_number - 1))
+                await asyncio.sleep(self._ack_backoff_s * 2 ** (try_number - 1))
         log.warning("acknowledgement not taken", extra={"hotline": plan.hotline, "status": status})
 
     # --- plumbing ---------------------------------------------------------------------------
