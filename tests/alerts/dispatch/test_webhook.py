@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from eldercare.alerts.dispatch.adapter import Attempt, Channel, ChannelKind, Delivered, Permanent, Retryable
+from eldercare.alerts.dispatch.adapter import (
+    Adapter,
+    Attempt,
+    Channel,
+    ChannelKind,
+    Delivered,
+    Permanent,
+    Retryable,
+)
 from eldercare.alerts.dispatch.webhook import (
     MAX_RETRY_AFTER_S,
     WebhookAdapter,
@@ -215,6 +223,17 @@ def test_a_channel_configured_wrongly_is_permanent(
     wrong = Channel(chan.name, chan.kind, url or chan.url, chan.secret if secret is None else secret)
     outcome = send(attempt(wrong))
     assert isinstance(outcome, Permanent) and outcome.reason == reason
+
+
+def test_it_is_an_adapter_and_closes_only_a_client_it_made() -> None:
+    async def both() -> bool:
+        made: Adapter = WebhookAdapter()  # mypy checks it against the protocol
+        await made.aclose()
+        async with httpx.AsyncClient() as shared:
+            await WebhookAdapter(client=shared).aclose()
+            return shared.is_closed
+
+    assert asyncio.run(both()) is False
 
 
 def test_latency_is_measured_with_the_injected_clock(simulator: HotlineSimulator) -> None:
