@@ -15,6 +15,7 @@ text, which could carry personal data. No retries here: the dispatcher decides.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -39,6 +40,11 @@ MAX_RETRY_AFTER_S = 3600.0
 MAX_REFERENCE = 200
 
 RETRYABLE_STATUS = frozenset({408, 429})
+
+#: A whole attempt is bounded at this many channel timeouts (connect, send, answer): httpx's
+#: read timeout starts again at every chunk, so a hotline that dribbles its answer a few bytes
+#: at a time would otherwise hold an attempt, and the dispatcher waiting on it, for ever.
+ATTEMPT_DEADLINE_FACTOR = 3
 
 
 def user_agent() -> str:
@@ -168,9 +174,14 @@ class WebhookAdapter:
         timeout = httpx.Timeout(channel.timeout_s)
         started = self._monotonic()
         try:
-            response = await self._client.post(channel.url, content=content, headers=headers, timeout=timeout)
+            async with asyncio.timeout(ATTEMPT_DEADLINE_FACTOR * channel.timeout_s):
+                response = await self._client.post(
+                    channel.url, content=content, headers=headers, timeout=timeout
+                )
         except httpx.TimeoutException as exc:
             return Retryable(_timeout_reason(exc), latency_s=self._monotonic() - started)
+        except TimeoutError:
+            return Retryable("attempt deadline", latency_s=self._monotonic() - started)
         except (httpx.UnsupportedProtocol, httpx.InvalidURL):
             return Permanent("bad channel url", latency_s=self._monotonic() - started)
         except httpx.ConnectError:

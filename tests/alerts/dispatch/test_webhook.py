@@ -181,6 +181,36 @@ def test_a_hotline_slower_than_the_timeout_is_retryable(simulator: HotlineSimula
     assert 0.2 <= outcome.latency_s < 1.0
 
 
+def test_an_answer_dribbled_out_slower_than_the_attempts_deadline_is_retryable() -> None:
+    """Each byte comes within the read timeout; the whole answer never does."""
+
+    async def dribble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        try:
+            while True:
+                writer.write(b"a")
+                await writer.drain()
+                await asyncio.sleep(0.05)  # the misbehaving server's pace, not a test wait
+        except ConnectionError:
+            pass
+
+    async def scenario() -> Any:
+        server = await asyncio.start_server(dribble, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        chan = Channel("120", "webhook", f"http://127.0.0.1:{port}/", "whsec_" + "A" * 44, timeout_s=0.2)
+        adapter = WebhookAdapter()
+        try:
+            return await adapter.send(attempt(chan))
+        finally:
+            await adapter.aclose()
+            server.close()
+
+    outcome = asyncio.run(scenario())
+    assert isinstance(outcome, Retryable) and outcome.reason == "attempt deadline"
+    assert 0.6 <= outcome.latency_s < 2.0
+
+
 def test_a_slow_hotline_within_the_timeout_is_delivered(simulator: HotlineSimulator) -> None:
     simulator.set_mode("sms", "slow", delay_s=0.2)
     outcome = send(attempt(channel(simulator, "sms", kind="sms_gateway", timeout_s=2.0)))
