@@ -49,6 +49,7 @@ def scrape(port: int) -> dict[str, Any]:
         "eldercare_ingest_datapoints_stored_total": "datapoints",
         "eldercare_ingest_batch_size_count": "batches",
         "eldercare_ingest_batch_size_sum": "batched",
+        "eldercare_ingest_sessions_subscribed": "subscribed",
     }
     for family in text_string_to_metric_families(text):
         if not family.name.startswith("eldercare_ingest"):

@@ -70,7 +70,7 @@ class Workers:
         return env
 
     def start(self) -> None:
-        """Start the workers and wait until their /metrics answer."""
+        """Start the workers and wait until their /metrics say they are subscribed."""
         self.started_at = time.time()
         for i in range(len(self.client_ids)):
             log = (self.workdir / f"worker-{i}.log").open("ab")
@@ -94,12 +94,15 @@ class Workers:
                         f"see {self.workdir / f'worker-{i}.log'}"
                     )
                 try:
-                    scrape(port)
-                    break
+                    # Subscribed on both sessions: what is published before that would find
+                    # no subscriber on a new session.
+                    if scrape(port).get("subscribed", 0) >= 2:
+                        break
                 except OSError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"worker {i} /metrics never answered") from None
-                    time.sleep(0.1)
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"worker {i} never subscribed; see {self.workdir / f'worker-{i}.log'}")
+                time.sleep(0.1)
 
     @property
     def pids(self) -> list[int]:

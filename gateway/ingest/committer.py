@@ -588,10 +588,8 @@ class Committer:
         )
 
 
-def committer_main(
-    settings_values: dict[str, Any], inbound: Connection, outbound: Connection, flavour: Flavour | None = None
-) -> None:
-    """Entry point of the committer process (spawned by the receiver)."""
+def child_process(settings_values: dict[str, Any]) -> Settings:
+    """Set up a process the receiver spawned: die with it, leave signals to it, log alike."""
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with the receiver, no orphan
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     # Ctrl-C and SIGTERM (systemd, docker and a terminal signal the whole process group) are
@@ -603,4 +601,12 @@ def committer_main(
 
     settings = Settings(**settings_values)
     configure_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def committer_main(
+    settings_values: dict[str, Any], inbound: Connection, outbound: Connection, flavour: Flavour | None = None
+) -> None:
+    """Entry point of the committer process (spawned by the receiver)."""
+    settings = child_process(settings_values)
     Committer(settings, inbound, outbound, step=batch_step(settings), flavour=flavour).run()

@@ -60,6 +60,10 @@ LAG_SECONDS = Histogram(
     ),
 )
 QUEUE_DEPTH = Gauge("eldercare_ingest_queue_depth", "Received messages not yet committed")
+SUBSCRIBED = Gauge(
+    "eldercare_ingest_sessions_subscribed",
+    "MQTT sessions of this worker the broker has confirmed subscribed (2 when consuming: main and events)",
+)
 DECISIONS = Counter(
     "eldercare_rules_decisions",
     "Decisions of the rules written: alerts opened, evidence added, upgraded, cleared, superseded,"

@@ -1,27 +1,29 @@
 """The ingest worker: MQTT in, one transaction per batch, acknowledgements after commit.
 
-A worker is two processes, so that paho (the receiver) and the database work (the
-committer, ``committer.py``) each have a core and an interpreter lock of their own:
+A worker is three processes, so that paho (the receiver), the database work (the
+committer, ``committer.py``) and the events each have an interpreter lock of their own:
 
-- receiver, two paho clients (*links*), each on an MQTT session of its own: the events link
-  takes ``.../events`` (an SOS, a fall), the main link everything else. The broker delivers
-  one session's messages first in, first out, so on one session an SOS would wait behind any
-  telemetry backlog (a burst, a database outage); on its own it arrives at once.
-- receiver, each link's network thread: takes a message off the socket and appends it to
-  the link's outgoing bundle. While ``queue_size`` messages or ``queue_bytes`` of payload
-  the link received are not yet committed, it waits: paho stops reading its socket, and TCP
-  plus the broker's in-flight limit (MQTT 5 receive maximum) hold everything else back:
-  backpressure without loss, per link (a full telemetry queue never holds the events link).
-  While it waits it still sends what the acks thread queued and a PINGREQ now and then, so
-  a long database outage does not cost the broker connection.
+- receiver (this process), the main *link*: a paho client on the worker's MQTT session,
+  taking everything but events. Its network thread takes a message off the socket and
+  appends it to the link's outgoing bundle. While ``queue_size`` messages or
+  ``queue_bytes`` of payload it received are not yet committed, it waits: paho stops reading
+  its socket, and TCP plus the broker's in-flight limit (MQTT 5 receive maximum) hold
+  everything else back: backpressure without loss. While it waits it still sends what the
+  acks thread queued and a PINGREQ now and then, so a long database outage does not cost
+  the broker connection.
 - receiver, ``bundles`` thread: every millisecond or so, sends what was received to the
-  committer over a pipe, the events link's first.
+  committer over a pipe.
 - receiver, ``acks`` thread: reads the committer's reports and acknowledges each committed
-  message on the link that received it (paho-mqtt 2 manual acks, in that link's arrival
-  order), and keeps the Prometheus metrics.
-- committer: interprets, batches by size or a short delay (an event or an emergency
-  reading flushes at once; events are taken first), writes one transaction per batch,
-  reports it.
+  message (paho-mqtt 2 manual acks, in arrival order), and keeps the Prometheus metrics.
+- committer: interprets, batches by size or a short delay (an emergency reading flushes at
+  once), writes one transaction per batch, reports it.
+- events (``EventsProcess``): the events link (``.../events``: an SOS, a fall) on an MQTT
+  session of its own, with the same threads and a committer of its own in a thread. The
+  broker delivers one session's messages first in, first out, so on the main session an SOS
+  would wait behind any telemetry backlog (a burst, a database outage); and in the receiver
+  or the committer it would wait for an interpreter lock that 10,000 telemetry messages a
+  second keep busy. Here it waits for neither. Its in-flight bound is its own (a full
+  telemetry queue never holds it), and it reports each batch back for the metrics.
 
 A message received on an earlier connection is never acknowledged on a later one (its
 packet id may have been reused): the broker redelivers it and dedup drops the copy.
@@ -37,6 +39,7 @@ the events filters (a session from before the split still has them), so events c
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import multiprocessing
@@ -48,8 +51,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as EventFlag
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -68,8 +72,10 @@ from eldercare.gateway.ingest.committer import (
     EVENT_LANE,
     MAIN_LANE,
     CommitReport,
+    Committer,
     Lane,
     Wire,
+    child_process,
     committer_main,
     store_flavour,
 )
@@ -182,7 +188,7 @@ class IngestWorker:
     """One ingest worker: waits for the store and (by default) the lease, then consumes.
 
     ``run`` blocks until ``stop`` is called. Each stretch of holding the lease is one
-    ``IngestSession`` (its own committer process and MQTT clients); a worker that loses the
+    ``IngestSession`` (its own processes and MQTT clients); a worker that loses the
     lease to another goes back to standing by.
     """
 
@@ -477,38 +483,39 @@ class Link:
         client.disconnect()
 
 
-class IngestSession:
-    """One stretch of consuming: a committer process, two links (MQTT clients), two threads."""
+class Pipeline:
+    """Links and the two threads joining them to a committer: bundles out, reports back."""
 
-    def __init__(self, worker: IngestWorker, lease: IngestLease | None) -> None:
-        self.settings = worker.settings
-        self.retire = worker.retire
-        self.client_id = worker.client_id
-        self.flavour = worker.flavour
-        self._worker_stopping = worker._stopping
-        self._lease = lease
+    def __init__(
+        self,
+        settings: Settings,
+        client_ids: dict[Lane, str],
+        *,
+        retire: bool,
+        clock: Callable[[], float],
+        forward: Connection | None = None,
+    ) -> None:
+        self.settings = settings
+        self.retire = retire
         self._arrived = threading.Event()
         self._stopping = threading.Event()
         self._committer_gone = threading.Event()
         self._done = threading.Event()
-
-        def link(lane: Lane, client_id: str) -> Link:
-            return Link(
+        self._forward = forward  # where the figures go when the metrics are served elsewhere
+        self._forward_lock = threading.Lock()  # the bundles and acks threads both send
+        self.links = {
+            lane: Link(
                 lane,
                 client_id,
-                self.settings,
-                retire=self.retire,
-                clock=worker.clock,
+                settings,
+                retire=retire,
+                clock=clock,
                 arrived=self._arrived,
                 stopping=self._stopping,
                 committer_gone=self._committer_gone,
             )
-
-        self.events = link(EVENT_LANE, events_client_id(self.client_id))
-        self.main = link(MAIN_LANE, self.client_id)
-        self.links = {EVENT_LANE: self.events, MAIN_LANE: self.main}  # events first
-
-    # ---- the bundles and acks threads ---------------------------------------------------
+            for lane, client_id in client_ids.items()
+        }
 
     def _send_bundles(self, pipe: Connection) -> None:
         links, arrived = list(self.links.values()), self._arrived
@@ -521,12 +528,12 @@ class IngestSession:
                     arrived.wait(0.2)
                     continue
                 time.sleep(BUNDLE_EVERY_S)  # let a few more arrive: one send for many
-                for link in links:  # a bundle per link, the events link's first
+                for link in links:
                     outgoing = link.outgoing
                     if outgoing:
                         bundle = [outgoing.popleft() for _ in range(len(outgoing))]
                         pipe.send_bytes(pickle.dumps(bundle, protocol=pickle.HIGHEST_PROTOCOL))
-                        metrics.RECEIVED.inc(len(bundle))
+                        self._count(len(bundle), None, 0)
             pipe.send_bytes(pickle.dumps(DRAIN))
         except OSError:
             self._committer_gone.set()
@@ -538,36 +545,84 @@ class IngestSession:
                 if report == DONE:
                     break
                 assert isinstance(report, CommitReport)
-                metrics.ACKED.inc(self.links[report.lane].ack(report))
-                self._record(report)
+                self._count(0, report, self.links[report.lane].ack(report))
         except (EOFError, OSError):
             if not self._stopping.is_set():
-                log.error("the committer process died; stopping this worker")
+                log.error("the committer died; stopping this worker")
             self._committer_gone.set()
         finally:
             self._done.set()
 
-    def _record(self, report: CommitReport) -> None:
-        result = report.result
-        metrics.STORED.inc(result.stored_messages)
-        metrics.DATAPOINTS.inc(result.readings)
-        metrics.EVENTS.inc(result.events)
-        metrics.DUPLICATES.inc(result.duplicates)
-        metrics.REPEATED.inc(result.repeated)
-        metrics.UNSTORED_DEAD_LETTERS.inc(result.unstored_dead_letters)
-        metrics.CLOCK_SKEW.inc(result.skewed)
-        for reason, n in result.rejected.items():
-            metrics.DEAD_LETTERS.labels(reason).inc(n)
-        for decision, n in result.decisions.items():
-            metrics.DECISIONS.labels(decision).inc(n)
-        metrics.BATCH_FAILURES.inc(report.failures)
-        metrics.BATCH_SIZE.observe(result.messages)
-        metrics.COMMIT_SECONDS.observe(report.commit_seconds)
-        metrics.QUEUE_DEPTH.set(sum(link.received - link.acked for link in self.links.values()))
-        for lag in report.lags:
-            metrics.LAG_SECONDS.observe(lag)
+    def _count(self, received: int, report: CommitReport | None, acked: int) -> None:
+        """Count in the metrics here, or send the figures to the process that serves them."""
+        if self._forward is not None:
+            with self._forward_lock, contextlib.suppress(OSError):  # if the parent is gone, so are we
+                self._forward.send_bytes(pickle.dumps((received, report, acked), pickle.HIGHEST_PROTOCOL))
+            return
+        count(received, report, acked)
+        if report is not None:
+            metrics.QUEUE_DEPTH.set(sum(link.received - link.acked for link in self.links.values()))
 
-    # ---- lifecycle ------------------------------------------------------------------------
+    def start_threads(self, to_committer: Connection, reports_in: Connection) -> threading.Thread:
+        """Start the bundles and acks threads; the bundles one, to join when stopping."""
+        sender = threading.Thread(target=self._send_bundles, args=(to_committer,), name="bundles")
+        acks = threading.Thread(target=self._receive_reports, args=(reports_in,), name="acks")
+        sender.start()
+        acks.start()
+        return sender
+
+    def finish(self, sender: threading.Thread) -> None:
+        """Stop taking messages; wait until the committer has committed and reported the rest."""
+        self._stopping.set()
+        sender.join(30)
+        self._done.wait(60)
+
+    def stop_links(self) -> None:
+        for link in self.links.values():
+            link.stop()  # after the last acks
+
+
+def count(received: int, report: CommitReport | None, acked: int) -> None:
+    """Count messages received, and a committed batch with its acks, in the metrics."""
+    metrics.RECEIVED.inc(received)
+    metrics.ACKED.inc(acked)
+    if report is None:
+        return
+    result = report.result
+    metrics.STORED.inc(result.stored_messages)
+    metrics.DATAPOINTS.inc(result.readings)
+    metrics.EVENTS.inc(result.events)
+    metrics.DUPLICATES.inc(result.duplicates)
+    metrics.REPEATED.inc(result.repeated)
+    metrics.UNSTORED_DEAD_LETTERS.inc(result.unstored_dead_letters)
+    metrics.CLOCK_SKEW.inc(result.skewed)
+    for reason, n in result.rejected.items():
+        metrics.DEAD_LETTERS.labels(reason).inc(n)
+    for decision, n in result.decisions.items():
+        metrics.DECISIONS.labels(decision).inc(n)
+    metrics.BATCH_FAILURES.inc(report.failures)
+    metrics.BATCH_SIZE.observe(result.messages)
+    metrics.COMMIT_SECONDS.observe(report.commit_seconds)
+    for lag in report.lags:
+        metrics.LAG_SECONDS.observe(lag)
+
+
+class IngestSession(Pipeline):
+    """One stretch of consuming: the main link and its committer process here, the events
+    lane in a process of its own (``EventsProcess``)."""
+
+    def __init__(self, worker: IngestWorker, lease: IngestLease | None) -> None:
+        super().__init__(
+            worker.settings, {MAIN_LANE: worker.client_id}, retire=worker.retire, clock=worker.clock
+        )
+        self.client_id = worker.client_id
+        self.flavour = worker.flavour
+        self._worker_stopping = worker._stopping
+        self._lease = lease
+        self.main = self.links[MAIN_LANE]
+        self.events = EventsProcess(
+            self.settings, events_client_id(self.client_id), self.flavour, self.retire
+        )
 
     def _ending(self) -> bool:
         lease_lost = self._lease is not None and self._lease.lost.is_set()
@@ -575,6 +630,7 @@ class IngestSession:
             self._worker_stopping.is_set()
             or self._stopping.is_set()
             or self._committer_gone.is_set()
+            or self.events.gone()
             or lease_lost
         )
 
@@ -593,10 +649,8 @@ class IngestSession:
         committer.start()
         committer_in.close()
         reports_out.close()
-        sender = threading.Thread(target=self._send_bundles, args=(to_committer,), name="bundles")
-        acks = threading.Thread(target=self._receive_reports, args=(reports_in,), name="acks")
-        sender.start()
-        acks.start()
+        sender = self.start_threads(to_committer, reports_in)
+        self.events.start()
         log.info(
             "ingest worker started",
             extra={
@@ -610,34 +664,141 @@ class IngestSession:
             # The main link connects once the events link has subscribed: no moment where an
             # upgraded main session has dropped the events filters and the events one lacks
             # them, and telemetry stored means events are taken too.
-            self.events.start()
             while not self._ending():
                 if self.events.ready.wait(0.2):
                     self.main.start()
                     break
             while not self._ending():
-                self._worker_stopping.wait(0.5)
-                if self.retire and all(link.drained() for link in self.links.values()):
+                self._worker_stopping.wait(0.2)
+                metrics.SUBSCRIBED.set(self.events.ready.is_set() + self.main.ready.is_set())
+                if self.retire and self.main.drained() and self.events.drained.is_set():
                     log.info(
                         "retired slot drained: removing its sessions", extra={"client_id": self.client_id}
                     )
                     break
-            self._stopping.set()
-            sender.join(30)
-            self._done.wait(60)  # the committer commits what it holds and reports it
+            metrics.SUBSCRIBED.set(0)
+            events_died = self.events.gone()
+            self.events.stop()  # both lanes commit and ack what they hold, at the same time
+            self.finish(sender)
         finally:
-            for link in self.links.values():
-                link.stop()  # after the last acks
+            self.events.join()
+            self.stop_links()
             committer.join(10)
             if committer.is_alive():
                 committer.kill()
             log.info("ingest worker stopped")
         if self._committer_gone.is_set() and not self._done.is_set():
             raise RuntimeError("the committer process died")
+        if events_died:
+            raise RuntimeError("the events process died")
 
     def stop(self) -> None:
         """Stop taking messages; commit and ack what is held."""
         self._stopping.set()
+
+
+class EventsProcess:
+    """The events lane, run in a process of its own: its MQTT session, its own committer.
+
+    An SOS must not wait behind telemetry anywhere: not in the broker (a session of its own),
+    not in a queue, and not for an interpreter lock that the telemetry's paho thread and
+    batches hold most of the time under load. So the events link and a committer for it run
+    in this process, which is idle until an event comes. It reports each committed batch
+    back for the metrics, which the parent serves.
+    """
+
+    def __init__(self, settings: Settings, client_id: str, flavour: Flavour | None, retire: bool) -> None:
+        self.settings = settings
+        self.client_id = client_id
+        self.flavour = flavour
+        self.retire = retire
+        spawn = multiprocessing.get_context("spawn")
+        self._spawn = spawn
+        self.ready = spawn.Event()  # the events link subscribed
+        self.drained = spawn.Event()  # (retiring) nothing held, nothing coming
+        self._stop = spawn.Event()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._reports: threading.Thread | None = None
+        self._stopped = False
+
+    def start(self) -> None:
+        reports_in, reports_out = self._spawn.Pipe(duplex=False)
+        self._process = self._spawn.Process(
+            target=events_main,
+            args=(
+                self.settings.model_dump(),
+                self.client_id,
+                self.flavour,
+                self.retire,
+                (self.ready, self.drained, self._stop),
+                reports_out,
+            ),
+            name="eldercare-events",
+            daemon=True,
+        )
+        self._process.start()
+        reports_out.close()
+        self._reports = threading.Thread(
+            target=self._record, args=(reports_in,), name="events-reports", daemon=True
+        )
+        self._reports.start()
+
+    def _record(self, pipe: Connection) -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                count(*pickle.loads(pipe.recv_bytes()))
+
+    def gone(self) -> bool:
+        """True if the process ended before it was asked to."""
+        return self._process is not None and not self._stopped and not self._process.is_alive()
+
+    def stop(self) -> None:
+        """Ask it to commit and ack what it holds, then exit."""
+        self._stopped = True
+        self._stop.set()
+
+    def join(self) -> None:
+        self.stop()
+        if self._process is None:
+            return
+        self._process.join(90)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+        if self._reports is not None:
+            self._reports.join(5)
+
+
+def events_main(
+    settings_values: dict[str, Any],
+    client_id: str,
+    flavour: Flavour | None,
+    retire: bool,
+    control: tuple[EventFlag, EventFlag, EventFlag],
+    forward: Connection,
+) -> None:
+    """Entry point of the events process: the events link, a committer thread, until stopped."""
+    settings = child_process(settings_values)
+    ready, drained, stop = control
+    pipeline = Pipeline(settings, {EVENT_LANE: client_id}, retire=retire, clock=time.time, forward=forward)
+    link = pipeline.links[EVENT_LANE]
+    committer_in, to_committer = multiprocessing.Pipe(duplex=False)
+    reports_in, reports_out = multiprocessing.Pipe(duplex=False)
+    committer = Committer(settings, committer_in, reports_out, step=batch_step(settings), flavour=flavour)
+    writing = threading.Thread(target=committer.run, name="events-committer")
+    writing.start()
+    sender = pipeline.start_threads(to_committer, reports_in)
+    try:
+        link.start()
+        while not stop.wait(0.1) and not pipeline._committer_gone.is_set():
+            if link.ready.is_set():
+                ready.set()
+            if retire and link.drained():
+                drained.set()
+        pipeline.finish(sender)
+    finally:
+        writing.join(30)
+        pipeline.stop_links()
 
 
 def _send_keepalive(client: mqtt.Client) -> None:

@@ -126,13 +126,17 @@ class IngestSetup:
             return conn.execute(sql).fetchall()
 
     def stored_by(self, worker: WorkerProcess) -> int:
-        """Messages a stopped worker stored, from its final 'ingest totals' log line."""
-        totals = [
-            orjson.loads(line)
-            for line in worker.log_path.read_text().splitlines()
-            if line.startswith("{") and '"ingest totals"' in line
-        ]
-        return totals[-1]["stored_messages"]
+        """Messages a stopped worker stored, from the final 'ingest totals' log line of each of
+        its committers (the telemetry's and the events process's)."""
+        last_by_process = {
+            line["pid"]: line["stored_messages"]
+            for line in (
+                orjson.loads(text)
+                for text in worker.log_path.read_text().splitlines()
+                if text.startswith("{") and '"ingest totals"' in text
+            )
+        }
+        return sum(last_by_process.values())
 
     def close(self) -> None:
         for device in self.opened:
