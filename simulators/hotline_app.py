@@ -157,11 +157,12 @@ class Hotline:
             received = list(self._received)
             acks = list(self._acks)
             behaviour = self._behaviour
+            accepted = len(self._references)
         return {
             "hotline": self.name,
             **asdict(behaviour),
             "received": len(received),
-            "accepted": len(self._references),
+            "accepted": accepted,
             "duplicates": sum(r.duplicate for r in received),
             "refused": sum(r.refused is not None for r in received),
             "acks_sent": sum(a.answer is not None and 200 <= a.answer < 300 for a in acks),
