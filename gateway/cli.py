@@ -49,6 +49,7 @@ BENCH_DEFAULTS = BenchOptions()
 class Role(StrEnum):
     ingest = "ingest"
     maintenance = "maintenance"
+    dispatch = "dispatch"
 
 
 def settings() -> Settings:
@@ -99,7 +100,10 @@ def migrate() -> None:
 def serve(
     role: Annotated[
         list[Role] | None,
-        typer.Option(help="Role(s) to run; repeat the option. Default: all (ingest, maintenance)."),
+        typer.Option(
+            help="Role(s) to run; repeat the option. Default: ingest and maintenance, and dispatch"
+            " when ELDERCARE_CHANNELS_FILE is set."
+        ),
     ] = None,
     retire: Annotated[
         bool,
@@ -115,7 +119,10 @@ def serve(
 
     s = settings()
     configure_logging(s.log_level, s.log_format)
-    roles = set(role or list(Role))
+    roles = set(role or [Role.ingest, Role.maintenance, *([Role.dispatch] if s.channels_file else [])])
+    if Role.dispatch in roles and s.channels_file is None:
+        console.print("[red]error:[/] the dispatch role needs ELDERCARE_CHANNELS_FILE (its channels)")
+        raise typer.Exit(2)
     if Role.ingest in roles and not s.mqtt_url:
         console.print("[red]error:[/] ELDERCARE_MQTT_URL is not set (mqtt://user:pass@host:1883)")
         raise typer.Exit(2)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -173,8 +176,41 @@ class MaintenanceRole:
             self.store.close()
 
 
+def start_dispatcher(settings: Settings, stop: threading.Event) -> threading.Thread:
+    """The dispatch role: a dispatcher's asyncio loop in a thread of its own, until ``stop``."""
+    from eldercare.alerts.dispatch.channels import ChannelsError, load_channels
+    from eldercare.alerts.dispatch.dispatcher import Dispatcher
+    from eldercare.alerts.rules import load_rule_set
+
+    if settings.channels_file is None:
+        raise RuntimeError("the dispatch role needs ELDERCARE_CHANNELS_FILE (the channels to deliver to)")
+    try:
+        channels = load_channels(settings.channels_file)
+    except ChannelsError as exc:
+        raise RuntimeError(str(exc)) from None
+    dispatcher = Dispatcher(
+        settings.database_url,
+        channels,
+        load_rule_set(settings.rules_file),
+        ack_base_url=settings.ack_base_url,
+        name=f"dispatcher-{socket.gethostname()}-{os.getpid()}",
+    )
+
+    async def serve() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        threading.Thread(
+            target=lambda: (stop.wait(), loop.call_soon_threadsafe(stopping.set)), daemon=True
+        ).start()
+        await dispatcher.run(stopping)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="dispatcher")
+    thread.start()
+    return thread
+
+
 def run_roles(settings: Settings, roles: set[str], stop: threading.Event, retire: bool = False) -> None:
-    """Start the named roles ('ingest', 'maintenance'); return once ``stop`` is set."""
+    """Start the named roles ('ingest', 'maintenance', 'dispatch'); return once ``stop`` is set."""
     metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     if settings.metrics_port:
         log.info("metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
@@ -184,6 +220,7 @@ def run_roles(settings: Settings, roles: set[str], stop: threading.Event, retire
         scheduler = BackgroundScheduler(timezone="UTC")
         jobs.schedule(scheduler)
         scheduler.start()
+    dispatching = start_dispatcher(settings, stop) if "dispatch" in roles else None
     timers = None
     if "ingest" in roles:
         from eldercare.gateway.ingest.alerting import start_rule_timers
@@ -208,4 +245,7 @@ def run_roles(settings: Settings, roles: set[str], stop: threading.Event, retire
             scheduler.shutdown(wait=False)
         if timers is not None:
             timers.stop()
+        if dispatching is not None:
+            stop.set()
+            dispatching.join(60)
         jobs.close()

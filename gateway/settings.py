@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     data_dir: str = ".eldercare"
     rules: str = "default"
     rules_file: Path | None = None
+    #: The dispatch role's channels (alerts/dispatch/channels.py); unset: no dispatch role.
+    channels_file: Path | None = None
+    #: Where hotlines send acknowledgements: the ack_url in each request is built from it.
+    ack_base_url: str = "http://127.0.0.1:8000"
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -98,7 +102,7 @@ class Settings(BaseSettings):
             MqttTarget(value)
         return value
 
-    @field_validator("rules_file", mode="before")
+    @field_validator("rules_file", "channels_file", mode="before")
     @classmethod
     def _no_file(cls, value: object) -> object:
         return None if value == "" else value

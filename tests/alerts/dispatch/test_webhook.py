@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -44,17 +44,7 @@ DOCUMENT: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def simulator() -> Iterator[HotlineSimulator]:
-    with HotlineSimulator(ack_delay_s=60.0) as sim:  # no acknowledgements here: test_hotlines has them
-        yield sim
-
-
-@pytest.fixture(autouse=True)
-def every_hotline_ok(simulator: HotlineSimulator) -> Iterator[None]:
-    yield
-    for name in simulator.hotlines:
-        simulator.set_mode(name, "ok")
+pytestmark = pytest.mark.usefixtures("every_hotline_ok")
 
 
 def channel(

@@ -1,0 +1,277 @@
+"""Dispatches in the store: outbox rows turned into dispatches, due ones claimed, outcomes kept.
+
+Each function is one short transaction; delivery happens between them, outside any. A claim
+leases a dispatch (``claimed_until``): a dispatcher killed before it records the outcome
+leaves a lease that runs out, and the dispatch is claimed again (at-least-once, same id). Two
+dispatchers never claim one dispatch at once (``FOR UPDATE SKIP LOCKED`` and the lease).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from eldercare.alerts.dispatch.adapter import Delivered, Outcome, Permanent, Retryable
+from eldercare.alerts.dispatch.routing import AfterAttempt, Next, Planned
+
+#: What dispatchers LISTEN on besides the outbox: a dispatch became due (a retry, an escalation).
+DISPATCH_CHANNEL = "eldercare_dispatch"
+#: Who the alert history names for the dispatcher's changes.
+ACTOR = "dispatcher"
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A dispatch this dispatcher holds the lease of: deliver attempt ``attempt`` now."""
+
+    id: UUID
+    alert_id: UUID
+    channel: str
+    attempt: int
+
+
+#: (route name, severity, outbox reason) -> the dispatches of the route's first step.
+Planner = Callable[[str, str, str], list[Planned]]
+
+
+def take_outbox(
+    conn: psycopg.Connection[Any], plan: Planner, now: datetime, lease: timedelta, limit: int = 100
+) -> tuple[list[Claimed], list[int]]:
+    """Turn pending outbox rows into dispatches of their route's first step, leased to us.
+
+    Returns the claimed dispatches (attempt 1 each, to deliver now) and the outbox ids that
+    asked for nobody (their route's channels are not configured here).
+    """
+    claimed: list[Claimed] = []
+    empty: list[int] = []
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(
+            "SELECT id, alert_id, route, severity, reason FROM alert_outbox WHERE done_at IS NULL"
+            " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+            (limit,),
+        )
+        rows = cur.fetchall()
+        for outbox_id, alert_id, route, severity, reason in rows:
+            planned = plan(route, severity, reason)
+            if not planned:
+                empty.append(outbox_id)
+            for p in planned:
+                cur.execute(
+                    "INSERT INTO dispatches (alert_id, outbox_id, channel, route, step, counts_as_ack,"
+                    " attempts, next_attempt_at, claimed_until, created_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, 1, %s, %s, %s)"
+                    " ON CONFLICT (alert_id, outbox_id, channel) DO NOTHING RETURNING id",
+                    (alert_id, outbox_id, p.channel, route, p.step, p.counts_as_ack, now, now + lease, now),
+                )
+                row = cur.fetchone()
+                if row is not None:
+                    claimed.append(Claimed(row[0], alert_id, p.channel, 1))
+        if rows:
+            cur.execute(
+                "UPDATE alert_outbox SET claimed_at = %s, done_at = %s WHERE id = ANY(%s)",
+                (now, now, [r[0] for r in rows]),
+            )
+    return claimed, empty
+
+
+def claim_due(
+    conn: psycopg.Connection[Any], now: datetime, lease: timedelta, limit: int = 100
+) -> list[Claimed]:
+    """Lease the pending dispatches that are due (and whose last lease, if any, ran out)."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(
+            "UPDATE dispatches d SET claimed_until = %(until)s, attempts = d.attempts + 1"
+            " FROM (SELECT id FROM dispatches WHERE state = 'pending' AND next_attempt_at <= %(now)s"
+            "       AND (claimed_until IS NULL OR claimed_until <= %(now)s)"
+            "       ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) due"
+            " WHERE d.id = due.id RETURNING d.id, d.alert_id, d.channel, d.attempts",
+            {"until": now + lease, "now": now, "limit": limit},
+        )
+        return [Claimed(*row) for row in cur.fetchall()]
+
+
+def next_due(conn: psycopg.Connection[Any]) -> datetime | None:
+    """When the next pending dispatch is due (or its lease runs out), if any is pending."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT min(greatest(next_attempt_at, coalesce(claimed_until, next_attempt_at)))"
+            " FROM dispatches WHERE state = 'pending'"
+        )
+        row = cur.fetchone()
+    return row[0] if row else None
+
+
+_DOCUMENT_SQL = """
+SELECT a.id, a.rule, a.severity, a.title_zh, a.title_en, a.raised_at, a.late, a.late_by_s,
+       a.evidence, a.device_id, a.elder_id, d.type,
+       p.name, p.sex, p.birth_year, p.phone, p.address,
+       coalesce(cp.plan -> 'conditions', '[]'::jsonb),
+       (SELECT coalesce(jsonb_object_agg(v.metric, jsonb_build_object(
+                 'value', v.value, 'at', v.time)), '{}'::jsonb)
+          FROM (SELECT DISTINCT ON (o.metric) o.metric, o.value, o.time
+                  FROM observations o
+                 WHERE o.elder_id = a.elder_id AND o.time > a.raised_at - interval '1 hour'
+                   AND NOT ('clock_skew' = ANY(o.flags))
+                   AND o.time <= a.raised_at + interval '1 minute'
+                 ORDER BY o.metric, o.time DESC) v)
+FROM alerts a
+LEFT JOIN devices d ON d.device_id = a.device_id
+LEFT JOIN elder_profiles p ON p.elder_id = a.elder_id
+LEFT JOIN care_plans cp ON cp.elder_id = a.elder_id
+WHERE a.id = ANY(%s)
+"""
+
+
+def documents(
+    conn: psycopg.Connection[Any], alert_ids: Sequence[UUID], units: Mapping[str, str]
+) -> dict[UUID, dict[str, Any]]:
+    """The spec's request body of each alert, before the per-dispatch fields and minimisation
+    (``units``: each metric's canonical unit, from the device catalog).
+
+    Personal data (name, phone, address) comes from ``elder_profiles``, which only the
+    dispatcher and authorised roles read; it goes to the channels allowed it, never to a log.
+    """
+    if not alert_ids:
+        return {}
+    with conn.cursor() as cur:
+        cur.execute(_DOCUMENT_SQL, (list(alert_ids),))
+        rows = cur.fetchall()
+    out: dict[UUID, dict[str, Any]] = {}
+    for (
+        alert_id, rule, severity, title_zh, title_en, raised_at, late, late_by_s, evidence,
+        device_id, elder_id, device_type, name, sex, birth_year, phone, address, conditions, vitals,
+    ) in rows:  # fmt: skip
+        alert = {
+            "id": str(alert_id),
+            "rule": rule,
+            "severity": severity,
+            "title": f"{title_zh} / {title_en}",
+            "raised_at": raised_at.isoformat(),
+            "late": late,
+            "evidence": evidence,
+        }
+        if late and late_by_s is not None:
+            alert["late_by_s"] = late_by_s
+        out[alert_id] = {
+            "alert": alert,
+            "elder": {
+                "id": elder_id,
+                "name": name,
+                "sex": sex,
+                "birth_year": birth_year,
+                "phone": phone,
+                "address": address,
+                "conditions": list(conditions),
+            },
+            "latest_vitals": {m: {**v, "unit": units.get(m, "")} for m, v in vitals.items()},
+            "device": {"id": device_id, "type": device_type} if device_id else None,
+        }
+    return out
+
+
+def record_outcome(
+    conn: psycopg.Connection[Any],
+    claimed: Claimed,
+    started_at: datetime,
+    outcome: Outcome,
+    decision: AfterAttempt,
+    now: datetime,
+    dispatcher: str,
+) -> bool:
+    """Keep the attempt and move the dispatch on; False if it was no longer ours to move
+    (superseded meanwhile, or a lease that ran out and another dispatcher took it)."""
+    status = getattr(outcome, "status", None)
+    reason = None if isinstance(outcome, Delivered) else outcome.reason
+    retry_after = outcome.retry_after_s if isinstance(outcome, Retryable) else None
+    kind = {Delivered: "delivered", Retryable: "retryable", Permanent: "permanent"}[type(outcome)]
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO dispatch_attempts (dispatch_id, number, started_at, latency_ms, outcome, status,"
+            " reason, retry_after_s, next_attempt_at, dispatcher) VALUES (%s, %s, %s, %s, %s, %s, %s, %s,"
+            " %s, %s)",
+            (
+                claimed.id,
+                claimed.attempt,
+                started_at,
+                outcome.latency_s * 1000.0,
+                kind,
+                status,
+                reason,
+                retry_after,
+                decision.next_attempt_at,
+                dispatcher,
+            ),
+        )
+        if decision.next is Next.delivered:
+            reference = outcome.reference if isinstance(outcome, Delivered) else None
+            cur.execute(
+                "UPDATE dispatches SET state = 'delivered', delivered_at = %s, reference = %s,"
+                " claimed_until = NULL, last_error = NULL"
+                " WHERE id = %s AND state = 'pending' AND attempts = %s",
+                (now, reference, claimed.id, claimed.attempt),
+            )
+        elif decision.next is Next.retry:
+            cur.execute(
+                "UPDATE dispatches SET next_attempt_at = %s, claimed_until = NULL, last_error = %s"
+                " WHERE id = %s AND state = 'pending' AND attempts = %s",
+                (decision.next_attempt_at, reason, claimed.id, claimed.attempt),
+            )
+        else:
+            cur.execute(
+                "UPDATE dispatches SET state = 'failed', claimed_until = NULL, last_error = %s"
+                " WHERE id = %s AND state = 'pending' AND attempts = %s",
+                (reason, claimed.id, claimed.attempt),
+            )
+        moved = cur.rowcount == 1
+        if moved and decision.next is Next.delivered:
+            _mark_dispatched(cur, claimed.alert_id, now)
+        if moved and decision.next is Next.retry:
+            cur.execute(f"NOTIFY {DISPATCH_CHANNEL}")
+    return moved
+
+
+def _mark_dispatched(cur: psycopg.Cursor[Any], alert_id: UUID, now: datetime) -> None:
+    """The alert's first delivery: open -> dispatched, in its history."""
+    cur.execute(
+        "UPDATE alerts SET state = 'dispatched', updated_at = %s WHERE id = %s AND state = 'open'"
+        " RETURNING severity",
+        (now, alert_id),
+    )
+    row = cur.fetchone()
+    if row is not None:
+        cur.execute(
+            "INSERT INTO alert_history (alert_id, at, actor, from_state, to_state, from_severity,"
+            " to_severity, reason) VALUES (%s, %s, %s, 'open', 'dispatched', %s, %s, %s)",
+            (alert_id, now, ACTOR, row[0], row[0], "delivered to a channel"),
+        )
+
+
+def attempts_of(conn: psycopg.Connection[Any], dispatch_id: UUID) -> list[dict[str, Any]]:
+    """A dispatch's attempts, oldest first (for the CLI, the API and tests)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT number, started_at, latency_ms, outcome, status, reason, retry_after_s,"
+            " next_attempt_at, dispatcher FROM dispatch_attempts WHERE dispatch_id = %s ORDER BY id",
+            (dispatch_id,),
+        )
+        names = [c.name for c in cur.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+__all__ = [
+    "ACTOR",
+    "DISPATCH_CHANNEL",
+    "Claimed",
+    "Planner",
+    "attempts_of",
+    "claim_due",
+    "documents",
+    "next_due",
+    "record_outcome",
+    "take_outbox",
+]

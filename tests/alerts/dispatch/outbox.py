@@ -1,0 +1,60 @@
+"""Alerts and outbox rows written as the rules write them, for the dispatcher's tests."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from eldercare.gateway.store.devices import add_device
+
+
+def raise_alert(
+    db_url: str, *, route: str = "emergency", rule: str = "sos", severity: str = "emergency"
+) -> uuid.UUID:
+    """An alert and its outbox row as the rules write them (one transaction, NOTIFY on commit)."""
+    elder = f"e-{uuid.uuid4().hex[:8]}"
+    device = f"w-{uuid.uuid4().hex[:8]}"
+    alert_id = uuid.uuid4()
+    now = datetime.now(UTC)
+    with psycopg.connect(db_url) as conn:
+        add_device(conn, device, "wristband", elder)
+        with conn.transaction():
+            conn.execute(
+                "INSERT INTO elder_profiles (elder_id, name, sex, birth_year, phone, address)"
+                " VALUES (%s, '测试乙', 'F', 1941, '13800000000', '某市某区某路 1 号')",
+                (elder,),
+            )
+            conn.execute(
+                "INSERT INTO observations (time, device_id, elder_id, metric, value) VALUES (%s, %s, %s,"
+                " 'heart_rate', 112)",
+                (now, device, elder),
+            )
+            conn.execute(
+                "INSERT INTO alerts (id, elder_id, rule, severity, raised_severity, route, device_id,"
+                " observed_at, raised_at, title_zh, title_en, evidence, last_at, updated_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, '紧急呼叫', 'SOS', %s, %s, %s)",
+                (
+                    alert_id,
+                    elder,
+                    rule,
+                    severity,
+                    severity,
+                    route,
+                    device,
+                    now,
+                    now,
+                    Jsonb({"event": "sos"}),
+                    now,
+                    now,
+                ),
+            )
+            conn.execute(
+                "INSERT INTO alert_outbox (alert_id, reason, severity, route, created_at)"
+                " VALUES (%s, 'raised', %s, %s, %s)",
+                (alert_id, severity, route, now),
+            )
+            conn.execute("NOTIFY eldercare_outbox")
+    return alert_id

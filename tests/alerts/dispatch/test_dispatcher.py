@@ -1,0 +1,173 @@
+"""The dispatcher end to end: outbox rows in a real database, simulated hotlines over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import psycopg
+import pytest
+
+from eldercare.alerts.dispatch.channels import Channels, channels_from
+from eldercare.alerts.dispatch.dispatcher import Dispatcher
+from eldercare.alerts.rules import load_rule_set
+from eldercare.simulators.hotlines import HotlineSimulator
+from tests.alerts.dispatch.outbox import raise_alert
+
+RULES = load_rule_set()
+
+
+pytestmark = pytest.mark.usefixtures("every_hotline_ok")
+
+
+def channels(sim: HotlineSimulator) -> Channels:
+    """The deployment's channels pointed at the simulators: family contacts by SMS."""
+    entries: dict[str, Any] = {
+        name: {"kind": "webhook", "url": sim.url(name), "secret": sim.secret(name), "timeout": 1.0}
+        for name in ("120", "12349", "12320")
+    }
+    entries["family"] = {
+        "kind": "sms_gateway",
+        "url": sim.url("sms"),
+        "secret": sim.secret("sms"),
+        "timeout": 1.0,
+    }
+    return channels_from({"channels": entries}, environ={})
+
+
+def rows(db_url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(db_url) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+async def run_until(dispatchers: list[Dispatcher], done: Any, timeout: float = 15.0) -> None:
+    """Run the dispatchers until ``done()`` holds (polled), then stop them."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(d.run(stop)) for d in dispatchers]
+    try:
+        async with asyncio.timeout(timeout):
+            while not done():
+                await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+def dispatcher(db_url: str, sim: HotlineSimulator, name: str = "d1", seed: int = 1) -> Dispatcher:
+    return Dispatcher(
+        db_url, channels(sim), RULES, ack_base_url="http://127.0.0.1:9", name=name, rng=random.Random(seed)
+    )
+
+
+def test_an_emergency_reaches_120_and_the_family_at_once_signed_and_minimised(
+    db_url: str, simulator: HotlineSimulator
+) -> None:
+    before = {h: len(simulator.received(h)) for h in simulator.hotlines}
+    alert_id = raise_alert(db_url)
+    asyncio.run(
+        run_until(
+            [dispatcher(db_url, simulator)],
+            lambda: (
+                len(simulator.received("120")) > before["120"]
+                and len(simulator.received("sms")) > before["sms"]
+            ),
+        )
+    )
+    [to_120] = simulator.received("120")[before["120"] :]
+    [to_family] = simulator.received("sms")[before["sms"] :]
+    assert to_120.refused is None and to_120.answer == 202  # verified by standardwebhooks
+    assert to_120.idempotency_key == to_120.webhook_id
+    body = to_120.document
+    assert body is not None and body["alert"]["id"] == str(alert_id) and body["channel"] == "120"
+    assert body["elder"]["name"] == "测试乙" and body["latest_vitals"]["heart_rate"]["value"] == 112
+    assert body["latest_vitals"]["heart_rate"]["unit"] == "/min"
+    assert body["ack_url"].endswith(f"/api/v1/dispatches/{to_120.webhook_id}/ack")
+    assert to_family.document is not None and "medications" not in to_family.document["elder"]
+    # Nobody else: 12349 is the emergency route's second step, after 60 s without an ack.
+    assert len(simulator.received("12349")) == before["12349"]
+    got = rows(
+        db_url,
+        "SELECT channel, state, counts_as_ack, attempts, reference FROM dispatches WHERE alert_id = %s"
+        " ORDER BY channel",
+        alert_id,
+    )
+    assert got == [
+        ("120", "delivered", True, 1, to_120.reference),
+        ("family", "delivered", False, 1, to_family.reference),
+    ]
+    assert rows(db_url, "SELECT state FROM alerts WHERE id = %s", alert_id) == [("dispatched",)]
+    assert rows(db_url, "SELECT to_state, actor FROM alert_history WHERE alert_id = %s", alert_id) == [
+        ("dispatched", "dispatcher")
+    ]
+    assert rows(db_url, "SELECT count(*) FROM alert_outbox WHERE done_at IS NULL") == [(0,)]
+
+
+def test_500s_are_retried_with_backoff_and_the_same_idempotency_key(
+    db_url: str, simulator: HotlineSimulator
+) -> None:
+    simulator.set_mode("120", "error_500", times=2)
+    before = len(simulator.received("120"))
+    alert_id = raise_alert(db_url)
+
+    def delivered() -> bool:
+        return any(r.answer == 202 for r in simulator.received("120")[before:])
+
+    asyncio.run(run_until([dispatcher(db_url, simulator)], delivered))
+    got = simulator.received("120")[before:]
+    assert [r.answer for r in got] == [500, 500, 202]
+    assert len({r.idempotency_key for r in got}) == 1
+    attempts = rows(
+        db_url,
+        "SELECT a.number, a.outcome, a.status, a.started_at, a.next_attempt_at FROM dispatch_attempts a"
+        " JOIN dispatches d ON d.id = a.dispatch_id WHERE d.alert_id = %s AND d.channel = '120'"
+        " ORDER BY a.number",
+        alert_id,
+    )
+    assert [(n, o, s) for n, o, s, _, _ in attempts] == [
+        (1, "retryable", 500),
+        (2, "retryable", 500),
+        (3, "delivered", 202),
+    ]
+    # Backoff 1 s then 2 s, each shortened by at most a quarter (jitter), and respected.
+    for (_, _, _, started, due), (_, _, _, next_started, _), base in zip(
+        attempts, attempts[1:], (1.0, 2.0), strict=False
+    ):
+        assert 0.75 * base - 0.05 <= (due - started).total_seconds() <= base + 0.5
+        assert next_started >= due
+
+
+def test_a_permanent_refusal_fails_the_dispatch_at_once(db_url: str, simulator: HotlineSimulator) -> None:
+    simulator.set_mode("120", "wrong_secret")
+    alert_id = raise_alert(db_url)
+    asyncio.run(
+        run_until(
+            [dispatcher(db_url, simulator)],
+            lambda: (
+                rows(db_url, "SELECT state FROM dispatches WHERE alert_id = %s AND channel = '120'", alert_id)
+                == [("failed",)]
+            ),
+        )
+    )
+    assert rows(
+        db_url,
+        "SELECT a.outcome, a.status FROM dispatch_attempts a JOIN dispatches d ON d.id = a.dispatch_id"
+        " WHERE d.alert_id = %s AND d.channel = '120'",
+        alert_id,
+    ) == [("permanent", 401)]
+
+
+def test_two_dispatchers_never_deliver_one_dispatch_twice(db_url: str, simulator: HotlineSimulator) -> None:
+    before = len(simulator.received("12349"))
+    alerts = [raise_alert(db_url, route="hotline", rule="sos", severity="urgent") for _ in range(30)]
+    asyncio.run(
+        run_until(
+            [dispatcher(db_url, simulator, "d1", 1), dispatcher(db_url, simulator, "d2", 2)],
+            lambda: len(simulator.received("12349")) >= before + len(alerts),
+        )
+    )
+    got = simulator.received("12349")[before:]
+    assert len(got) == len(alerts) and not any(r.duplicate for r in got)
+    assert rows(db_url, "SELECT count(*), count(DISTINCT dispatcher) FROM dispatch_attempts")[0][0] == len(
+        alerts
+    )

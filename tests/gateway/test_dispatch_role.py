@@ -1,0 +1,79 @@
+"""`eldercare serve --role dispatch`: the dispatcher as an operator runs it, against real HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from eldercare.simulators.hotlines import HotlineSimulator
+from tests.alerts.dispatch.outbox import raise_alert
+from tests.waiting import wait_for
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[HotlineSimulator]:
+    with HotlineSimulator(ack_delay_s=600.0) as sim:
+        yield sim
+
+
+def serve(db_url: str, tmp_path: Path, channels: str | None) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELDERCARE_")}
+    env.update(ELDERCARE_DATABASE_URL=db_url, ELDERCARE_METRICS_PORT="0", ELDERCARE_LOG_FORMAT="json")
+    if channels is not None:
+        path = tmp_path / "channels.toml"
+        path.write_text(channels, encoding="utf-8")
+        env["ELDERCARE_CHANNELS_FILE"] = str(path)
+    code = "from eldercare.gateway.cli import main; main()"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "serve", "--role", "dispatch"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_the_dispatch_role_delivers_what_the_rules_raise_and_stops_cleanly(
+    db_url: str, simulator: HotlineSimulator, tmp_path: Path
+) -> None:
+    channels = f"""
+[channels.12349]
+kind = "webhook"
+url = "{simulator.url("12349")}"
+secret_env = "SECRET_12349"
+"""
+    os.environ["SECRET_12349"] = simulator.secret("12349")
+    try:
+        proc = serve(db_url, tmp_path, channels)
+    finally:
+        del os.environ["SECRET_12349"]
+    try:
+        before = len(simulator.received("12349"))
+        raise_alert(db_url, route="hotline", severity="urgent")
+        wait_for(lambda: len(simulator.received("12349")) > before, 30, "the 12349 hotline to be called")
+        [got] = simulator.received("12349")[before:]
+        assert got.answer == 202 and got.refused is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert '"dispatcher started"' in out and '"dispatch delivered"' in out and '"dispatcher stopped"' in out
+    assert "测试乙" not in out and "13800000000" not in out  # no personal data in the logs
+
+
+def test_the_dispatch_role_without_channels_says_so_in_one_line(db_url: str, tmp_path: Path) -> None:
+    proc = serve(db_url, tmp_path, None)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "ELDERCARE_CHANNELS_FILE" in out and "Traceback" not in out
+
+
+def test_a_wrong_channels_file_is_one_line_not_a_traceback(db_url: str, tmp_path: Path) -> None:
+    proc = serve(db_url, tmp_path, '[channels.120]\nkind = "fax"\nurl = "x"\n')
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "channels.120.kind" in out and "Traceback" not in out, out
