@@ -26,11 +26,13 @@ from psycopg_pool import ConnectionPool
 
 from eldercare.alerts.dispatch.adapter import Adapter, Attempt, Outcome, Retryable
 from eldercare.alerts.dispatch.channels import Channels
-from eldercare.alerts.dispatch.routing import Next, Planned, after_attempt, step_dispatches, unconfigured
+from eldercare.alerts.dispatch.routing import Next, Routing, after_attempt, unconfigured
 from eldercare.alerts.rules import RuleSet
+from eldercare.alerts.timers import TimerRunner
 from eldercare.devices.catalog import load_catalog
 from eldercare.gateway.store import dispatches as store
 from eldercare.gateway.store.alerts import OUTBOX_CHANNEL
+from eldercare.gateway.store.timers import Timer
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,11 @@ class Dispatcher:
         self.pool = ConnectionPool(conninfo, min_size=2, max_size=4, open=False, name="dispatcher")
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(CONCURRENCY)
-        self._said_unconfigured: set[tuple[str, int]] = set()
+        self.routing = Routing(rules.routes, frozenset(channels.by_name), channels.notify_only)
+        # Route steps' deadlines are durable timers: any dispatcher alive escalates them.
+        self.timers = TimerRunner(
+            conninfo, {store.ESCALATION_TIMER: self._escalate_at_deadline}, clock, name=f"{name}-escalation"
+        )
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -102,10 +108,13 @@ class Dispatcher:
                 "dispatcher started",
                 extra={"dispatcher": self.name, "channels": sorted(self.channels.by_name)},
             )
+            self._say_unconfigured()
+            self.timers.start()
             while not stop.is_set():
                 await self.run_once()
                 await self._wait(listener, stop)
         finally:
+            self.timers.stop()
             await listener.close()
             if self._tasks:
                 await asyncio.wait(self._tasks, timeout=30)
@@ -150,24 +159,20 @@ class Dispatcher:
 
     # ---- in worker threads: the store ---------------------------------------------------
 
-    def _plan(self, route: str, severity: str, reason: str) -> list[Planned]:
-        found = self.rules.routes.get(route)
-        if found is None:
-            log.error("outbox row names an unknown route", extra={"route": route})
-            return []
-        configured = self.channels.by_name
-        for channel in unconfigured(found, 0, configured):
-            if (route, 0) not in self._said_unconfigured:
-                self._said_unconfigured.add((route, 0))
-                log.warning(
-                    "route step names a channel not configured", extra={"route": route, "channel": channel}
-                )
-        return step_dispatches(found, 0, configured, self.channels.notify_only)
+    def _say_unconfigured(self) -> None:
+        """Once at start: each route step's channel that this deployment does not configure."""
+        for name, route in self.rules.routes.items():
+            for step in range(len(route.steps)):
+                for channel in unconfigured(route, step, self.routing.configured):
+                    log.warning(
+                        "route step names a channel not configured",
+                        extra={"route": name, "step": step + 1, "channel": channel},
+                    )
 
     def _claim(self) -> list[store.Claimed]:
         now = self.now()
         with self.pool.connection() as conn:
-            fresh, empty = store.take_outbox(conn, self._plan, now, self.lease)
+            fresh, empty = store.take_outbox(conn, self.routing, now, self.lease)
             if empty:
                 log.warning("alerts reached no configured channel", extra={"outbox_ids": empty})
             return fresh + store.claim_due(conn, now, self.lease)
@@ -185,6 +190,11 @@ class Dispatcher:
         decision = after_attempt(outcome, claimed.attempt, now, self.rng)
         with self.pool.connection() as conn:
             moved = store.record_outcome(conn, claimed, started, outcome, decision, now, self.name)
+            if moved and decision.escalate_now:
+                with conn.transaction(), conn.cursor() as cur:
+                    to = store.escalate(cur, claimed.alert_id, self.routing, now)
+                if to is not None:
+                    log.warning("alert escalated", extra={"alert_id": str(claimed.alert_id), "step": to + 1})
         fields = {
             "dispatch_id": str(claimed.id),
             "channel": claimed.channel,
@@ -203,6 +213,17 @@ class Dispatcher:
                 extra={**fields, "reason": getattr(outcome, "reason", None), "retry_in_s": retry_in},
             )
         return moved
+
+    def _escalate_at_deadline(self, cur: psycopg.Cursor[Any], timer: Timer, now: datetime) -> None:
+        """A route step's deadline came (in the timer's transaction): escalate if nobody acked."""
+        alert_id = UUID(timer.payload["alert_id"])
+        step = int(timer.payload["step"])
+        deadline_of = (int(timer.payload["outbox_id"]), step)
+        to = store.escalate(cur, alert_id, self.routing, now, deadline_of=deadline_of)
+        if to is not None:
+            log.warning(
+                "alert escalated", extra={"alert_id": str(alert_id), "step": to + 1, "why": "deadline"}
+            )
 
     # ---- delivering -------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ jitter comes in as an argument, so each decision is tested as a table.
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -179,6 +179,17 @@ def escalation_step(route: Route, dispatches: Sequence[DispatchView]) -> int | N
     return None
 
 
+def deadline_escalation(route: Route, dispatches: Sequence[DispatchView], step: int) -> int | None:
+    """At step ``step``'s deadline: the step to escalate to, or None when someone whose
+    acknowledgement counts has answered, the route already went further (a failure escalated
+    it early), or there is no further step."""
+    if acknowledged(dispatches):
+        return None
+    if any(d.step > step for d in dispatches):
+        return None
+    return step + 1 if step + 1 < len(route.steps) else None
+
+
 def to_supersede(dispatches: Sequence[DispatchView], winner: str) -> list[str]:
     """Once ``winner`` acknowledged first: the other counting dispatches still open, which
     are told ``superseded`` (their retries stop; a delivered one gets the notice)."""
@@ -187,3 +198,21 @@ def to_supersede(dispatches: Sequence[DispatchView], winner: str) -> list[str]:
         for d in dispatches
         if d.id != winner and d.counts_as_ack and d.state in ("pending", "delivered") and d.ack_status is None
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """The deployment's routes and channels, as the store's dispatch functions need them."""
+
+    routes: Mapping[str, Route]
+    configured: frozenset[str]
+    notify_only: frozenset[str] = frozenset()
+
+    def step(self, route: str, step: int) -> list[Planned]:
+        """The dispatches of a route's step (none for an unknown route: said by the caller)."""
+        found = self.routes.get(route)
+        return [] if found is None else step_dispatches(found, step, self.configured, self.notify_only)
+
+    def deadline(self, route: str, step: int, started: datetime) -> datetime | None:
+        found = self.routes.get(route)
+        return None if found is None else step_deadline(found, step, started)

@@ -8,7 +8,7 @@ dispatchers never claim one dispatch at once (``FOR UPDATE SKIP LOCKED`` and the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,7 +17,15 @@ from uuid import UUID
 import psycopg
 
 from eldercare.alerts.dispatch.adapter import Delivered, Outcome, Permanent, Retryable
-from eldercare.alerts.dispatch.routing import AfterAttempt, Next, Planned
+from eldercare.alerts.dispatch.routing import (
+    AfterAttempt,
+    DispatchView,
+    Next,
+    Routing,
+    deadline_escalation,
+    escalation_step,
+)
+from eldercare.gateway.store import timers
 
 #: What dispatchers LISTEN on besides the outbox: a dispatch became due (a retry, an escalation).
 DISPATCH_CHANNEL = "eldercare_dispatch"
@@ -35,48 +43,144 @@ class Claimed:
     attempt: int
 
 
-#: (route name, severity, outbox reason) -> the dispatches of the route's first step.
-Planner = Callable[[str, str, str], list[Planned]]
+#: The durable timer of a route step's deadline: (kind, key = "<alert id>:<outbox id>:<step>").
+ESCALATION_TIMER = "dispatch_escalation"
+#: Alert states in which escalation still means something.
+_ACTIVE = ("open", "dispatched", "escalated")
 
 
 def take_outbox(
-    conn: psycopg.Connection[Any], plan: Planner, now: datetime, lease: timedelta, limit: int = 100
+    conn: psycopg.Connection[Any], routing: Routing, now: datetime, lease: timedelta, limit: int = 100
 ) -> tuple[list[Claimed], list[int]]:
     """Turn pending outbox rows into dispatches of their route's first step, leased to us.
 
     Returns the claimed dispatches (attempt 1 each, to deliver now) and the outbox ids that
-    asked for nobody (their route's channels are not configured here).
+    asked for nobody (their route's channels are not configured here). A step with a deadline
+    gets its escalation timer in the same transaction.
     """
     claimed: list[Claimed] = []
     empty: list[int] = []
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(
-            "SELECT id, alert_id, route, severity, reason FROM alert_outbox WHERE done_at IS NULL"
+            "SELECT id, alert_id, route FROM alert_outbox WHERE done_at IS NULL"
             " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
             (limit,),
         )
         rows = cur.fetchall()
-        for outbox_id, alert_id, route, severity, reason in rows:
-            planned = plan(route, severity, reason)
-            if not planned:
+        for outbox_id, alert_id, route in rows:
+            opened = _open_step(cur, alert_id, outbox_id, route, 0, routing, now, lease)
+            if not opened:
                 empty.append(outbox_id)
-            for p in planned:
-                cur.execute(
-                    "INSERT INTO dispatches (alert_id, outbox_id, channel, route, step, counts_as_ack,"
-                    " attempts, next_attempt_at, claimed_until, created_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, 1, %s, %s, %s)"
-                    " ON CONFLICT (alert_id, outbox_id, channel) DO NOTHING RETURNING id",
-                    (alert_id, outbox_id, p.channel, route, p.step, p.counts_as_ack, now, now + lease, now),
-                )
-                row = cur.fetchone()
-                if row is not None:
-                    claimed.append(Claimed(row[0], alert_id, p.channel, 1))
+            claimed += opened
         if rows:
             cur.execute(
                 "UPDATE alert_outbox SET claimed_at = %s, done_at = %s WHERE id = ANY(%s)",
                 (now, now, [r[0] for r in rows]),
             )
     return claimed, empty
+
+
+def _open_step(
+    cur: psycopg.Cursor[Any],
+    alert_id: UUID,
+    outbox_id: int,
+    route: str,
+    step: int,
+    routing: Routing,
+    now: datetime,
+    lease: timedelta | None,
+) -> list[Claimed]:
+    """Insert a route step's dispatches, due now (leased to the caller when ``lease``), and
+    schedule the step's escalation at its deadline."""
+    claimed = []
+    for p in routing.step(route, step):
+        cur.execute(
+            "INSERT INTO dispatches (alert_id, outbox_id, channel, route, step, counts_as_ack,"
+            " attempts, next_attempt_at, claimed_until, created_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (alert_id, outbox_id, channel) DO NOTHING RETURNING id",
+            (
+                alert_id,
+                outbox_id,
+                p.channel,
+                route,
+                p.step,
+                p.counts_as_ack,
+                1 if lease else 0,
+                now,
+                now + lease if lease else None,
+                now,
+            ),
+        )
+        row = cur.fetchone()
+        if row is not None:
+            claimed.append(Claimed(row[0], alert_id, p.channel, 1))
+    deadline = routing.deadline(route, step, now)
+    if claimed and deadline is not None:
+        payload = {"alert_id": str(alert_id), "outbox_id": outbox_id, "step": step}
+        timers.schedule(
+            cur, ESCALATION_TIMER, f"{alert_id}:{outbox_id}:{step}", deadline, payload, if_pending="keep"
+        )
+    return claimed
+
+
+def escalate(
+    cur: psycopg.Cursor[Any],
+    alert_id: UUID,
+    routing: Routing,
+    now: datetime,
+    *,
+    deadline_of: tuple[int, int] | None = None,
+) -> int | None:
+    """Open the alert's next route step if its state calls for it; the step opened, or None.
+
+    ``deadline_of``: (outbox id, step) whose deadline came: escalate unless someone whose ack
+    counts answered (nothing if an upgrade has since started another route). Without it:
+    after a failure or a decline, escalate once every channel of the step whose ack counts
+    failed or declined. The alert's row is locked first, so a deadline and a failure arriving
+    together open the next step once. Only the dispatches of the alert's latest outbox row
+    count: an upgrade started a route of its own.
+    """
+    cur.execute("SELECT state FROM alerts WHERE id = %s FOR UPDATE", (alert_id,))
+    row = cur.fetchone()
+    if row is None or row[0] not in _ACTIVE:
+        return None
+    cur.execute(
+        "SELECT id, step, counts_as_ack, state, ack_status, route, outbox_id FROM dispatches"
+        " WHERE alert_id = %s AND outbox_id = (SELECT max(outbox_id) FROM dispatches WHERE alert_id = %s)",
+        (alert_id, alert_id),
+    )
+    rows = cur.fetchall()
+    if not rows:
+        return None
+    route_name, outbox_id = rows[0][5], rows[0][6]
+    route = routing.routes.get(route_name)
+    if route is None or (deadline_of is not None and deadline_of[0] != outbox_id):
+        return None
+    views = [DispatchView(str(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
+    if deadline_of is None:
+        to = escalation_step(route, views)
+    else:
+        to = deadline_escalation(route, views, deadline_of[1])
+    if to is None:
+        return None
+    opened = _open_step(cur, alert_id, outbox_id, route_name, to, routing, now, None)
+    cur.execute(
+        "UPDATE alerts SET state = 'escalated', updated_at = %s WHERE id = %s RETURNING severity",
+        (now, alert_id),
+    )
+    severity = next(iter(cur.fetchone() or ()), None)
+    why = f"step {to + 1} of route {route_name}: " + (
+        "nobody acknowledged in time" if deadline_of is not None else "every channel refused or declined"
+    )
+    cur.execute(
+        "INSERT INTO alert_history (alert_id, at, actor, from_state, to_state, from_severity,"
+        " to_severity, reason) VALUES (%s, %s, %s, %s, 'escalated', %s, %s, %s)",
+        (alert_id, now, ACTOR, row[0], severity, severity, why),
+    )
+    if opened:
+        cur.execute(f"NOTIFY {DISPATCH_CHANNEL}")
+    return to
 
 
 def claim_due(
@@ -266,11 +370,12 @@ def attempts_of(conn: psycopg.Connection[Any], dispatch_id: UUID) -> list[dict[s
 __all__ = [
     "ACTOR",
     "DISPATCH_CHANNEL",
+    "ESCALATION_TIMER",
     "Claimed",
-    "Planner",
     "attempts_of",
     "claim_due",
     "documents",
+    "escalate",
     "next_due",
     "record_outcome",
     "take_outbox",

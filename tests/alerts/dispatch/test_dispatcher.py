@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 import psycopg
@@ -54,9 +55,27 @@ async def run_until(dispatchers: list[Dispatcher], done: Any, timeout: float = 1
         await asyncio.gather(*tasks)
 
 
-def dispatcher(db_url: str, sim: HotlineSimulator, name: str = "d1", seed: int = 1) -> Dispatcher:
+class Clock:
+    """The wall clock, moved forward at will: deadlines without waiting for them."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.ahead
+
+
+def dispatcher(
+    db_url: str, sim: HotlineSimulator, name: str = "d1", seed: int = 1, clock: Clock | None = None
+) -> Dispatcher:
     return Dispatcher(
-        db_url, channels(sim), RULES, ack_base_url="http://127.0.0.1:9", name=name, rng=random.Random(seed)
+        db_url,
+        channels(sim),
+        RULES,
+        ack_base_url="http://127.0.0.1:9",
+        name=name,
+        rng=random.Random(seed),
+        clock=clock or time.time,
     )
 
 
@@ -170,4 +189,74 @@ def test_two_dispatchers_never_deliver_one_dispatch_twice(db_url: str, simulator
     assert len(got) == len(alerts) and not any(r.duplicate for r in got)
     assert rows(db_url, "SELECT count(*), count(DISTINCT dispatcher) FROM dispatch_attempts")[0][0] == len(
         alerts
+    )
+
+
+def history(db_url: str, alert_id: Any) -> list[tuple[Any, ...]]:
+    return rows(
+        db_url, "SELECT to_state, reason FROM alert_history WHERE alert_id = %s ORDER BY id", alert_id
+    )
+
+
+def test_an_emergency_nobody_acknowledges_in_60_s_escalates_to_12349(
+    db_url: str, simulator: HotlineSimulator
+) -> None:
+    before = {h: len(simulator.received(h)) for h in ("120", "12349")}
+    alert_id = raise_alert(db_url)
+    clock = Clock()
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(dispatcher(db_url, simulator, clock=clock).run(stop))
+        try:
+            async with asyncio.timeout(20):
+                while len(simulator.received("120")) == before["120"]:
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(0.5)
+                assert len(simulator.received("12349")) == before["12349"]  # not before the deadline
+                clock.ahead = 61.0  # 120 took it but nobody acknowledged within 60 s
+                while len(simulator.received("12349")) == before["12349"]:
+                    await asyncio.sleep(0.02)
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(scenario())
+    assert rows(
+        db_url,
+        "SELECT channel, step, state FROM dispatches WHERE alert_id = %s ORDER BY step, channel",
+        alert_id,
+    ) == [
+        ("120", 0, "delivered"),
+        ("family", 0, "delivered"),
+        ("12349", 1, "delivered"),
+    ]
+    assert history(db_url, alert_id) == [
+        ("dispatched", "delivered to a channel"),
+        ("escalated", "step 2 of route emergency: nobody acknowledged in time"),
+    ]
+    assert rows(db_url, "SELECT state FROM alerts WHERE id = %s", alert_id) == [("escalated",)]
+    assert rows(
+        db_url, "SELECT count(*) FROM timers WHERE kind = 'dispatch_escalation' AND fired_at IS NOT NULL"
+    ) == [(1,)]
+
+
+def test_a_permanent_refusal_by_120_escalates_at_once_without_waiting(
+    db_url: str, simulator: HotlineSimulator
+) -> None:
+    simulator.set_mode("120", "wrong_secret")
+    before = len(simulator.received("12349"))
+    alert_id = raise_alert(db_url)
+    asyncio.run(run_until([dispatcher(db_url, simulator)], lambda: len(simulator.received("12349")) > before))
+    assert rows(
+        db_url,
+        "SELECT channel, step, state FROM dispatches WHERE alert_id = %s ORDER BY step, channel",
+        alert_id,
+    ) == [
+        ("120", 0, "failed"),
+        ("family", 0, "delivered"),
+        ("12349", 1, "delivered"),
+    ]
+    assert ("escalated", "step 2 of route emergency: every channel refused or declined") in history(
+        db_url, alert_id
     )

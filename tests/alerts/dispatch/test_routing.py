@@ -17,6 +17,7 @@ from eldercare.alerts.dispatch.routing import (
     Planned,
     ack_moves,
     after_attempt,
+    deadline_escalation,
     escalation_step,
     retry_delay,
     step_deadline,
@@ -165,3 +166,14 @@ def test_the_first_acknowledgement_supersedes_the_other_open_dispatches_that_cou
         view("old", 0, "failed"),
     ]
     assert to_supersede(dispatches, "12349") == ["120"]
+
+
+def test_at_its_deadline_a_step_nobody_acknowledged_escalates_once() -> None:
+    route = ROUTES["urgent"]
+    assert (
+        deadline_escalation(route, [view("12349", 0), view("fam", 0, ack="accepted", counts=False)], 0) == 1
+    )
+    assert deadline_escalation(route, [view("12349", 0, "pending")], 0) == 1  # still retrying: no matter
+    assert deadline_escalation(route, [view("12349", 0, ack="accepted")], 0) is None
+    assert deadline_escalation(route, [view("12349", 0, "failed"), view("fd", 1)], 0) is None  # went on early
+    assert deadline_escalation(route, [view("a", 0), view("b", 1), view("c", 2)], 2) is None  # the last step
