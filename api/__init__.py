@@ -1,1 +1,2 @@
-"""The FastAPI application (a later issue)."""
+"""The FastAPI application: ``app.py`` builds it, ``deps.py`` holds its dependencies,
+``routes/`` one module per resource."""

@@ -50,6 +50,7 @@ class Role(StrEnum):
     ingest = "ingest"
     maintenance = "maintenance"
     dispatch = "dispatch"
+    api = "api"
 
 
 def settings() -> Settings:
@@ -102,7 +103,7 @@ def serve(
         list[Role] | None,
         typer.Option(
             help="Role(s) to run; repeat the option. Default: ingest and maintenance, and dispatch"
-            " when ELDERCARE_CHANNELS_FILE is set."
+            " and api when ELDERCARE_CHANNELS_FILE is set."
         ),
     ] = None,
     retire: Annotated[
@@ -119,9 +120,10 @@ def serve(
 
     s = settings()
     configure_logging(s.log_level, s.log_format)
-    roles = set(role or [Role.ingest, Role.maintenance, *([Role.dispatch] if s.channels_file else [])])
-    if Role.dispatch in roles and s.channels_file is None:
-        console.print("[red]error:[/] the dispatch role needs ELDERCARE_CHANNELS_FILE (its channels)")
+    hotlines = [Role.dispatch, Role.api] if s.channels_file else []
+    roles = set(role or [Role.ingest, Role.maintenance, *hotlines])
+    if roles & {Role.dispatch, Role.api} and s.channels_file is None:
+        console.print("[red]error:[/] the dispatch and api roles need ELDERCARE_CHANNELS_FILE (the channels)")
         raise typer.Exit(2)
     if Role.ingest in roles and not s.mqtt_url:
         console.print("[red]error:[/] ELDERCARE_MQTT_URL is not set (mqtt://user:pass@host:1883)")

@@ -21,6 +21,7 @@ from eldercare.gateway.store.store import Store
 if TYPE_CHECKING:
     import psycopg
 
+    from eldercare.alerts.dispatch.channels import Channels
     from eldercare.gateway.jobs import JobReport, ScheduledRules
 
 log = logging.getLogger(__name__)
@@ -176,21 +177,47 @@ class MaintenanceRole:
             self.store.close()
 
 
+def _channels(settings: Settings, role: str) -> Channels:
+    from eldercare.alerts.dispatch.channels import ChannelsError, load_channels
+
+    if settings.channels_file is None:
+        raise RuntimeError(f"the {role} role needs ELDERCARE_CHANNELS_FILE (the hotlines' channels)")
+    try:
+        return load_channels(settings.channels_file)
+    except ChannelsError as exc:
+        raise RuntimeError(str(exc)) from None
+
+
+def start_api(settings: Settings) -> tuple[threading.Thread, Any]:
+    """The API role: uvicorn serving ``api.app`` in a thread; (thread, server to stop)."""
+    import uvicorn
+
+    from eldercare.alerts.rules import load_rule_set
+    from eldercare.api.app import create_app
+
+    app = create_app(settings, _channels(settings, "api"), load_rule_set(settings.rules_file))
+    config = uvicorn.Config(
+        app, host=settings.api_host, port=settings.api_port, log_config=None, access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="api")
+    thread.start()
+    log.info(
+        "API at http://%s:%d (acknowledgements: /api/v1/dispatches/<id>/ack)",
+        settings.api_host,
+        settings.api_port,
+    )
+    return thread, server
+
+
 def start_dispatcher(settings: Settings, stop: threading.Event) -> threading.Thread:
     """The dispatch role: a dispatcher's asyncio loop in a thread of its own, until ``stop``."""
-    from eldercare.alerts.dispatch.channels import ChannelsError, load_channels
     from eldercare.alerts.dispatch.dispatcher import Dispatcher
     from eldercare.alerts.rules import load_rule_set
 
-    if settings.channels_file is None:
-        raise RuntimeError("the dispatch role needs ELDERCARE_CHANNELS_FILE (the channels to deliver to)")
-    try:
-        channels = load_channels(settings.channels_file)
-    except ChannelsError as exc:
-        raise RuntimeError(str(exc)) from None
     dispatcher = Dispatcher(
         settings.database_url,
-        channels,
+        _channels(settings, "dispatch"),
         load_rule_set(settings.rules_file),
         ack_base_url=settings.ack_base_url,
         name=f"dispatcher-{socket.gethostname()}-{os.getpid()}",
@@ -210,7 +237,7 @@ def start_dispatcher(settings: Settings, stop: threading.Event) -> threading.Thr
 
 
 def run_roles(settings: Settings, roles: set[str], stop: threading.Event, retire: bool = False) -> None:
-    """Start the named roles ('ingest', 'maintenance', 'dispatch'); return once ``stop`` is set."""
+    """Start the named roles ('ingest', 'maintenance', 'dispatch', 'api'); return once ``stop`` is set."""
     metrics.serve_metrics(settings.metrics_port, settings.metrics_host)
     if settings.metrics_port:
         log.info("metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
@@ -221,6 +248,7 @@ def run_roles(settings: Settings, roles: set[str], stop: threading.Event, retire
         jobs.schedule(scheduler)
         scheduler.start()
     dispatching = start_dispatcher(settings, stop) if "dispatch" in roles else None
+    api = start_api(settings) if "api" in roles else None
     timers = None
     if "ingest" in roles:
         from eldercare.gateway.ingest.alerting import start_rule_timers
@@ -248,4 +276,7 @@ def run_roles(settings: Settings, roles: set[str], stop: threading.Event, retire
         if dispatching is not None:
             stop.set()
             dispatching.join(60)
+        if api is not None:
+            api[1].should_exit = True
+            api[0].join(30)
         jobs.close()

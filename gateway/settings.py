@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     channels_file: Path | None = None
     #: Where hotlines send acknowledgements: the ack_url in each request is built from it.
     ack_base_url: str = "http://127.0.0.1:8000"
+    #: Where the API role listens.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -18,12 +18,15 @@ import psycopg
 
 from eldercare.alerts.dispatch.adapter import Delivered, Outcome, Permanent, Retryable
 from eldercare.alerts.dispatch.routing import (
+    AckStatus,
     AfterAttempt,
     DispatchView,
     Next,
     Routing,
+    ack_moves,
     deadline_escalation,
     escalation_step,
+    to_supersede,
 )
 from eldercare.gateway.store import timers
 
@@ -355,6 +358,126 @@ def _mark_dispatched(cur: psycopg.Cursor[Any], alert_id: UUID, now: datetime) ->
         )
 
 
+@dataclass(frozen=True, slots=True)
+class AckResult:
+    """What an acknowledgement did: the dispatch's status now, and what followed from it."""
+
+    dispatch_id: UUID
+    ack_status: str | None
+    moved: bool
+    alert_acknowledged: bool = False  # this was the first counting acknowledgement
+    superseded: tuple[UUID, ...] = ()
+    escalated_to: int | None = None  # the route step a decline opened
+
+
+def acknowledge(
+    conn: psycopg.Connection[Any],
+    dispatch_id: UUID,
+    channel: str,
+    status: AckStatus,
+    routing: Routing,
+    now: datetime,
+    *,
+    operator: str | None = None,
+    reference: str | None = None,
+    note: str | None = None,
+) -> AckResult | None:
+    """Record a hotline's acknowledgement; None if the dispatch is not that channel's.
+
+    Forward only and idempotent (``routing.ack_moves``); every ack is kept in
+    ``dispatch_acks``. The first acknowledgement of a channel whose ack counts wins: the
+    alert becomes ``acknowledged`` and the other open dispatches that count are
+    ``superseded`` (their retries stop). ``declined`` escalates once every counting channel
+    of the step has declined or failed.
+    """
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SELECT alert_id FROM dispatches WHERE id = %s AND channel = %s", (dispatch_id, channel))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        alert_id = row[0]
+        # The alert first, as escalate() does: one order of locks, no deadlock between them.
+        cur.execute("SELECT state FROM alerts WHERE id = %s FOR UPDATE", (alert_id,))
+        alert_state = next(iter(cur.fetchone() or ()), None)
+        cur.execute(
+            "SELECT ack_status, counts_as_ack, outbox_id FROM dispatches WHERE id = %s FOR UPDATE",
+            (dispatch_id,),
+        )
+        current, counts, outbox_id = cur.fetchone() or (None, False, None)
+        moved = ack_moves(current, status)
+        cur.execute(
+            "INSERT INTO dispatch_acks (dispatch_id, at, channel, status, moved, operator, reference, note)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (dispatch_id, now, channel, status.value, moved, operator, reference, note),
+        )
+        if not moved:
+            return AckResult(dispatch_id, current, False)
+        declined = status is AckStatus.declined
+        cur.execute(
+            "UPDATE dispatches SET ack_status = %s, acked_at = coalesce(acked_at, %s),"
+            " reference = coalesce(%s, reference), claimed_until = NULL,"
+            " state = CASE WHEN %s THEN state ELSE 'acknowledged' END WHERE id = %s",
+            (status.value, now, reference, declined, dispatch_id),
+        )
+        if declined:
+            escalated = escalate(cur, alert_id, routing, now)
+            return AckResult(dispatch_id, status.value, True, escalated_to=escalated)
+        if not counts or alert_state not in _ACTIVE:
+            return AckResult(dispatch_id, status.value, True)
+        cur.execute(
+            "SELECT id, step, counts_as_ack, state, ack_status FROM dispatches"
+            " WHERE alert_id = %s AND outbox_id = %s",
+            (alert_id, outbox_id),
+        )
+        views = [DispatchView(str(r[0]), r[1], r[2], r[3], r[4]) for r in cur.fetchall()]
+        losers = [UUID(i) for i in to_supersede(views, str(dispatch_id))]
+        if losers:
+            cur.execute(
+                "UPDATE dispatches SET state = 'superseded', claimed_until = NULL WHERE id = ANY(%s)",
+                (losers,),
+            )
+        cur.execute(
+            "UPDATE alerts SET state = 'acknowledged', updated_at = %s WHERE id = %s RETURNING severity",
+            (now, alert_id),
+        )
+        severity = next(iter(cur.fetchone() or ()), None)
+        cur.execute(
+            "INSERT INTO alert_history (alert_id, at, actor, from_state, to_state, from_severity,"
+            " to_severity, reason) VALUES (%s, %s, %s, %s, 'acknowledged', %s, %s, %s)",
+            (
+                alert_id,
+                now,
+                f"channel:{channel}",
+                alert_state,
+                severity,
+                severity,
+                f"{channel}: {status.value}",
+            ),
+        )
+        # Nobody needs to escalate any more: the deadlines of this alert's steps are moot.
+        cur.execute(
+            "UPDATE timers SET cancelled_at = %s WHERE kind = %s AND key LIKE %s"
+            " AND fired_at IS NULL AND cancelled_at IS NULL",
+            (now, ESCALATION_TIMER, f"{alert_id}:%"),
+        )
+        return AckResult(dispatch_id, status.value, True, True, tuple(losers))
+
+
+def dispatch_status(conn: psycopg.Connection[Any], dispatch_id: UUID, channel: str) -> dict[str, Any] | None:
+    """A dispatch's status and attempts, as its own channel may see them; None if not its own."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT id, alert_id, channel, state, ack_status, attempts, created_at, delivered_at, acked_at,"
+            " reference FROM dispatches WHERE id = %s AND channel = %s",
+            (dispatch_id, channel),
+        )
+        names = [c.name for c in cur.description or ()]
+        row = cur.fetchone()
+    if row is None:
+        return None
+    return {**dict(zip(names, row, strict=True)), "attempt_log": attempts_of(conn, dispatch_id)}
+
+
 def attempts_of(conn: psycopg.Connection[Any], dispatch_id: UUID) -> list[dict[str, Any]]:
     """A dispatch's attempts, oldest first (for the CLI, the API and tests)."""
     with conn.cursor() as cur:
@@ -371,9 +494,12 @@ __all__ = [
     "ACTOR",
     "DISPATCH_CHANNEL",
     "ESCALATION_TIMER",
+    "AckResult",
     "Claimed",
+    "acknowledge",
     "attempts_of",
     "claim_due",
+    "dispatch_status",
     "documents",
     "escalate",
     "next_due",

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from eldercare.gateway.broker import free_port
 from eldercare.simulators.hotlines import HotlineSimulator
-from tests.alerts.dispatch.outbox import raise_alert
+from tests.alerts.dispatch.outbox import raise_alert, rows
 from tests.waiting import wait_for
 
 
@@ -22,16 +23,18 @@ def simulator() -> Iterator[HotlineSimulator]:
         yield sim
 
 
-def serve(db_url: str, tmp_path: Path, channels: str | None) -> subprocess.Popen[str]:
+def serve(
+    db_url: str, tmp_path: Path, channels: str | None, roles: tuple[str, ...] = ("dispatch",), **env_: str
+) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELDERCARE_")}
-    env.update(ELDERCARE_DATABASE_URL=db_url, ELDERCARE_METRICS_PORT="0", ELDERCARE_LOG_FORMAT="json")
+    env.update(ELDERCARE_DATABASE_URL=db_url, ELDERCARE_METRICS_PORT="0", ELDERCARE_LOG_FORMAT="json", **env_)
     if channels is not None:
         path = tmp_path / "channels.toml"
         path.write_text(channels, encoding="utf-8")
         env["ELDERCARE_CHANNELS_FILE"] = str(path)
     code = "from eldercare.gateway.cli import main; main()"
     return subprocess.Popen(
-        [sys.executable, "-c", code, "serve", "--role", "dispatch"],
+        [sys.executable, "-c", code, "serve", *(a for r in roles for a in ("--role", r))],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -39,7 +42,7 @@ def serve(db_url: str, tmp_path: Path, channels: str | None) -> subprocess.Popen
     )
 
 
-def test_the_dispatch_role_delivers_what_the_rules_raise_and_stops_cleanly(
+def test_the_dispatch_and_api_roles_deliver_what_the_rules_raise_take_the_ack_and_stop_cleanly(
     db_url: str, simulator: HotlineSimulator, tmp_path: Path
 ) -> None:
     channels = f"""
@@ -47,18 +50,28 @@ def test_the_dispatch_role_delivers_what_the_rules_raise_and_stops_cleanly(
 kind = "webhook"
 url = "{simulator.url("12349")}"
 secret_env = "SECRET_12349"
+api_key_env = "KEY_12349"
 """
-    os.environ["SECRET_12349"] = simulator.secret("12349")
-    try:
-        proc = serve(db_url, tmp_path, channels)
-    finally:
-        del os.environ["SECRET_12349"]
+    simulator.set_acks("12349", delay_s=0.1, statuses=["accepted"])
+    port = str(free_port())
+    secrets = {"SECRET_12349": simulator.secret("12349"), "KEY_12349": simulator.api_key("12349")}
+    proc = serve(
+        db_url,
+        tmp_path,
+        channels,
+        ("dispatch", "api"),
+        ELDERCARE_API_PORT=port,
+        ELDERCARE_ACK_BASE_URL=f"http://127.0.0.1:{port}",
+        **secrets,
+    )
     try:
         before = len(simulator.received("12349"))
-        raise_alert(db_url, route="hotline", severity="urgent")
+        alert_id = raise_alert(db_url, route="hotline", severity="urgent")
         wait_for(lambda: len(simulator.received("12349")) > before, 30, "the 12349 hotline to be called")
         [got] = simulator.received("12349")[before:]
         assert got.answer == 202 and got.refused is None
+        state = "SELECT state FROM alerts WHERE id = %s"
+        wait_for(lambda: rows(db_url, state, alert_id) == [("acknowledged",)], 20, "12349's acknowledgement")
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

@@ -50,3 +50,18 @@ CREATE TABLE dispatch_attempts (
     dispatcher    text NOT NULL
 );
 CREATE INDEX dispatch_attempts_dispatch ON dispatch_attempts (dispatch_id, number);
+
+-- Every acknowledgement a hotline sent, moved the dispatch or not (repeats and out-of-order
+-- ones are kept too: the audit trail shows what each hotline said, when).
+CREATE TABLE dispatch_acks (
+    id          bigserial PRIMARY KEY,
+    dispatch_id uuid NOT NULL REFERENCES dispatches (id),
+    at          timestamptz NOT NULL,
+    channel     text NOT NULL,
+    status      text NOT NULL,
+    moved       boolean NOT NULL,
+    operator    text,
+    reference   text,
+    note        text
+);
+CREATE INDEX dispatch_acks_dispatch ON dispatch_acks (dispatch_id, id);

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -58,3 +60,18 @@ def raise_alert(
             )
             conn.execute("NOTIFY eldercare_outbox")
     return alert_id
+
+
+def rows(db_url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(db_url) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+class Clock:
+    """The wall clock, moved forward at will: deadlines without waiting for them."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.ahead

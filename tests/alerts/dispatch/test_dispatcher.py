@@ -7,14 +7,13 @@ import random
 import time
 from typing import Any
 
-import psycopg
 import pytest
 
 from eldercare.alerts.dispatch.channels import Channels, channels_from
 from eldercare.alerts.dispatch.dispatcher import Dispatcher
 from eldercare.alerts.rules import load_rule_set
 from eldercare.simulators.hotlines import HotlineSimulator
-from tests.alerts.dispatch.outbox import raise_alert
+from tests.alerts.dispatch.outbox import Clock, raise_alert, rows
 
 RULES = load_rule_set()
 
@@ -37,11 +36,6 @@ def channels(sim: HotlineSimulator) -> Channels:
     return channels_from({"channels": entries}, environ={})
 
 
-def rows(db_url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(db_url) as conn:
-        return conn.execute(query, params).fetchall()
-
-
 async def run_until(dispatchers: list[Dispatcher], done: Any, timeout: float = 15.0) -> None:
     """Run the dispatchers until ``done()`` holds (polled), then stop them."""
     stop = asyncio.Event()
@@ -53,16 +47,6 @@ async def run_until(dispatchers: list[Dispatcher], done: Any, timeout: float = 1
     finally:
         stop.set()
         await asyncio.gather(*tasks)
-
-
-class Clock:
-    """The wall clock, moved forward at will: deadlines without waiting for them."""
-
-    def __init__(self) -> None:
-        self.ahead = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.ahead
 
 
 def dispatcher(
