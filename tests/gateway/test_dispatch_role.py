@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from eldercare.alerts.dispatch.channels import channels_from
+from eldercare.alerts.dispatch.dispatcher import Dispatcher
+from eldercare.alerts.rules import load_rule_set
 from eldercare.gateway.broker import free_port
 from eldercare.simulators.hotlines import HotlineSimulator
-from tests.alerts.dispatch.outbox import raise_alert, rows
+from tests.alerts.dispatch.outbox import Clock, raise_alert, rows
 from tests.waiting import wait_for
 
 
@@ -90,3 +95,75 @@ def test_a_wrong_channels_file_is_one_line_not_a_traceback(db_url: str, tmp_path
     proc = serve(db_url, tmp_path, '[channels.120]\nkind = "fax"\nurl = "x"\n')
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "channels.120.kind" in out and "Traceback" not in out, out
+
+
+def test_a_dispatcher_killed_between_claim_and_outcome_loses_nothing(
+    db_url: str, simulator: HotlineSimulator, tmp_path: Path
+) -> None:
+    """kill -9 mid-delivery: the lease runs out, another dispatcher delivers, same id."""
+    channels = f"""
+[channels.12349]
+kind = "webhook"
+url = "{simulator.url("12349")}"
+secret_env = "SECRET_12349"
+timeout = 2.0
+"""
+    simulator.set_mode("12349", "slow", delay_s=1.5)  # the attempt is in flight when we kill
+    before = len(simulator.received("12349"))
+    proc = serve(db_url, tmp_path, channels, SECRET_12349=simulator.secret("12349"))
+    try:
+        alert_id = raise_alert(db_url, route="hotline", severity="urgent")
+        claimed = "SELECT attempts, state, claimed_until IS NOT NULL FROM dispatches WHERE alert_id = %s"
+        wait_for(
+            lambda: rows(db_url, claimed, alert_id) == [(1, "pending", True)], 30, "the dispatch claimed"
+        )
+        time.sleep(0.3)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    simulator.set_mode("12349", "ok")
+    assert rows(db_url, claimed, alert_id) == [(1, "pending", True)]  # no outcome was recorded
+    later = Clock()
+    later.ahead = 60.0  # past the dead dispatcher's lease (3 x 2 s + 10 s)
+    other = Dispatcher(
+        db_url,
+        channels_from(
+            {
+                "channels": {
+                    "12349": {
+                        "kind": "webhook",
+                        "url": simulator.url("12349"),
+                        "secret": simulator.secret("12349"),
+                    }
+                }
+            },
+            environ={},
+        ),
+        load_rule_set(),
+        ack_base_url="http://127.0.0.1:9",
+        name="survivor",
+        clock=later,
+    )
+
+    async def deliver() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(other.run(stop))
+        try:
+            async with asyncio.timeout(20):
+                while rows(db_url, "SELECT state FROM dispatches WHERE alert_id = %s", alert_id) != [
+                    ("delivered",)
+                ]:
+                    await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(deliver())
+    got = simulator.received("12349")[before:]
+    assert got and {r.webhook_id for r in got} == {
+        str(rows(db_url, "SELECT id FROM dispatches WHERE alert_id = %s", alert_id)[0][0])
+    }
+    assert any(r.answer == 202 for r in got)
+    assert rows(db_url, "SELECT number, outcome, dispatcher FROM dispatch_attempts") == [
+        (2, "delivered", "survivor")
+    ]
