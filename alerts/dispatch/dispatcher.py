@@ -190,7 +190,7 @@ class Dispatcher:
         decision = after_attempt(outcome, claimed.attempt, now, self.rng)
         with self.pool.connection() as conn:
             moved = store.record_outcome(conn, claimed, started, outcome, decision, now, self.name)
-            if moved and decision.escalate_now:
+            if moved and decision.escalate_now and claimed.notice is None:
                 with conn.transaction(), conn.cursor() as cur:
                     to = store.escalate(cur, claimed.alert_id, self.routing, now)
                 if to is not None:
@@ -245,11 +245,20 @@ class Dispatcher:
         if adapter is None:
             return Retryable(f"no adapter for {channel.kind}")
         dispatch_id = str(claimed.id)
-        full = {
-            **document,
-            "dispatch_id": dispatch_id,
-            "ack_url": f"{self.ack_base_url}/api/v1/dispatches/{dispatch_id}/ack",
-        }
+        if claimed.notice is not None:
+            # Nothing to act on, nothing to acknowledge: which dispatch, and that it is over.
+            full: dict[str, Any] = {
+                "dispatch_id": dispatch_id,
+                "notice": claimed.notice,
+                "superseded_dispatch_id": str(claimed.notice_of),
+                "alert": {"id": str(claimed.alert_id), "rule": document["alert"]["rule"]},
+            }
+        else:
+            full = {
+                **document,
+                "dispatch_id": dispatch_id,
+                "ack_url": f"{self.ack_base_url}/api/v1/dispatches/{dispatch_id}/ack",
+            }
         attempt = Attempt(dispatch_id, claimed.attempt, channel, full, int(self.clock()))
         try:
             return await adapter.send(attempt)

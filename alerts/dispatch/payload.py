@@ -23,6 +23,9 @@ from eldercare.alerts.dispatch.adapter import Channel
 
 #: Always in the body: what a receiver deduplicates on, and where it acknowledges.
 ENVELOPE = ("dispatch_id", "attempt", "channel", "ack_url")
+#: A notice about an earlier dispatch (``superseded``): what it says, and which dispatch. No
+#: personal data, so every channel gets it whatever its selection.
+NOTICE = ("notice", "superseded_dispatch_id")
 
 #: What a family channel gets when its ``fields`` are empty: enough to know who, what and where.
 FAMILY_FIELDS = frozenset({"alert", "elder.id", "elder.name", "elder.location", "latest_vitals", "device"})
@@ -92,7 +95,8 @@ def body(document: Mapping[str, Any], channel: Channel, attempt: int) -> bytes:
         "attempt": attempt,
         "channel": channel.name,
     }
-    out.update((key, value) for key, value in selected.items() if key not in ENVELOPE)
+    out.update((key, document[key]) for key in NOTICE if key in document)
+    out.update((key, value) for key, value in selected.items() if key not in ENVELOPE and key not in NOTICE)
     if "ack_url" in document:
         out["ack_url"] = document["ack_url"]
     return orjson.dumps(out)

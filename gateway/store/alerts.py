@@ -43,6 +43,7 @@ from eldercare.alerts.decisions import (
 from eldercare.alerts.engine import History, Lookup
 from eldercare.alerts.rules import Severity
 from eldercare.gateway.store import timers
+from eldercare.gateway.store.dispatches import close_dispatches
 
 #: NOTIFY channel the dispatcher listens on; the payload is the number of outbox rows written.
 OUTBOX_CHANNEL = "eldercare_outbox"
@@ -631,6 +632,8 @@ def _transition(
             (to_state, now, outcome, closing, now, alert_id),
         )
         _history(cur, alert_id, now, actor, state, to_state, severity, severity, reason)
+        if closing:
+            close_dispatches(cur, alert_id, now)
     return str(state)
 
 

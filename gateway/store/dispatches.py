@@ -44,6 +44,8 @@ class Claimed:
     alert_id: UUID
     channel: str
     attempt: int
+    notice: str | None = None  # 'superseded': a notice about dispatch ``notice_of``
+    notice_of: UUID | None = None
 
 
 #: The durable timer of a route step's deadline: (kind, key = "<alert id>:<outbox id>:<step>").
@@ -196,7 +198,7 @@ def claim_due(
             " FROM (SELECT id FROM dispatches WHERE state = 'pending' AND next_attempt_at <= %(now)s"
             "       AND (claimed_until IS NULL OR claimed_until <= %(now)s)"
             "       ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED) due"
-            " WHERE d.id = due.id RETURNING d.id, d.alert_id, d.channel, d.attempts",
+            " WHERE d.id = due.id RETURNING d.id, d.alert_id, d.channel, d.attempts, d.notice, d.notice_of",
             {"until": now + lease, "now": now, "limit": limit},
         )
         return [Claimed(*row) for row in cur.fetchall()]
@@ -335,7 +337,7 @@ def record_outcome(
                 (reason, claimed.id, claimed.attempt),
             )
         moved = cur.rowcount == 1
-        if moved and decision.next is Next.delivered:
+        if moved and decision.next is Next.delivered and claimed.notice is None:
             _mark_dispatched(cur, claimed.alert_id, now)
         if moved and decision.next is Next.retry:
             cur.execute(f"NOTIFY {DISPATCH_CHANNEL}")
@@ -391,7 +393,10 @@ def acknowledge(
     of the step has declined or failed.
     """
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute("SELECT alert_id FROM dispatches WHERE id = %s AND channel = %s", (dispatch_id, channel))
+        cur.execute(
+            "SELECT alert_id FROM dispatches WHERE id = %s AND channel = %s AND notice IS NULL",
+            (dispatch_id, channel),
+        )
         row = cur.fetchone()
         if row is None:
             return None
@@ -431,11 +436,7 @@ def acknowledge(
         )
         views = [DispatchView(str(r[0]), r[1], r[2], r[3], r[4]) for r in cur.fetchall()]
         losers = [UUID(i) for i in to_supersede(views, str(dispatch_id))]
-        if losers:
-            cur.execute(
-                "UPDATE dispatches SET state = 'superseded', claimed_until = NULL WHERE id = ANY(%s)",
-                (losers,),
-            )
+        supersede(cur, losers, now)
         cur.execute(
             "UPDATE alerts SET state = 'acknowledged', updated_at = %s WHERE id = %s RETURNING severity",
             (now, alert_id),
@@ -455,12 +456,53 @@ def acknowledge(
             ),
         )
         # Nobody needs to escalate any more: the deadlines of this alert's steps are moot.
-        cur.execute(
-            "UPDATE timers SET cancelled_at = %s WHERE kind = %s AND key LIKE %s"
-            " AND fired_at IS NULL AND cancelled_at IS NULL",
-            (now, ESCALATION_TIMER, f"{alert_id}:%"),
-        )
+        _cancel_deadlines(cur, alert_id, now)
         return AckResult(dispatch_id, status.value, True, True, tuple(losers))
+
+
+def supersede(cur: psycopg.Cursor[Any], dispatch_ids: Sequence[UUID], now: datetime) -> int:
+    """Stop these dispatches (retries too) and tell the channels that may have them: a
+    ``superseded`` notice to each that was delivered or tried at least once; how many notices."""
+    if not dispatch_ids:
+        return 0
+    cur.execute(
+        "UPDATE dispatches SET state = 'superseded', claimed_until = NULL"
+        " WHERE id = ANY(%s) AND state IN ('pending', 'delivered')",
+        (list(dispatch_ids),),
+    )
+    cur.execute(
+        "INSERT INTO dispatches (alert_id, channel, route, step, counts_as_ack, notice, notice_of,"
+        " next_attempt_at, created_at)"
+        " SELECT alert_id, channel, route, step, false, 'superseded', id, %s, %s FROM dispatches"
+        " WHERE id = ANY(%s) AND attempts > 0 AND notice IS NULL ON CONFLICT (notice_of) DO NOTHING",
+        (now, now, list(dispatch_ids)),
+    )
+    notices = cur.rowcount
+    if notices:
+        cur.execute(f"NOTIFY {DISPATCH_CHANNEL}")
+    return notices
+
+
+def close_dispatches(cur: psycopg.Cursor[Any], alert_id: UUID, now: datetime) -> int:
+    """The alert is over (resolved): its open dispatches are superseded (retries stop, the
+    channels that had it are told) and its route's deadlines cancelled; how many notices."""
+    cur.execute(
+        "SELECT id FROM dispatches WHERE alert_id = %s AND notice IS NULL"
+        " AND state IN ('pending', 'delivered')"
+        " AND (ack_status IS NULL OR ack_status NOT IN ('closed', 'declined'))",
+        (alert_id,),
+    )
+    open_ids = [r[0] for r in cur.fetchall()]
+    _cancel_deadlines(cur, alert_id, now)
+    return supersede(cur, open_ids, now)
+
+
+def _cancel_deadlines(cur: psycopg.Cursor[Any], alert_id: UUID, now: datetime) -> None:
+    cur.execute(
+        "UPDATE timers SET cancelled_at = %s WHERE kind = %s AND key LIKE %s"
+        " AND fired_at IS NULL AND cancelled_at IS NULL",
+        (now, ESCALATION_TIMER, f"{alert_id}:%"),
+    )
 
 
 def dispatch_status(conn: psycopg.Connection[Any], dispatch_id: UUID, channel: str) -> dict[str, Any] | None:
@@ -499,10 +541,12 @@ __all__ = [
     "acknowledge",
     "attempts_of",
     "claim_due",
+    "close_dispatches",
     "dispatch_status",
     "documents",
     "escalate",
     "next_due",
     "record_outcome",
+    "supersede",
     "take_outbox",
 ]

@@ -29,6 +29,12 @@ CREATE TABLE dispatches (
     acked_at        timestamptz,
     reference       text,
     last_error      text,
+    -- A notice about an earlier dispatch of this channel ('superseded': someone else
+    -- acknowledged first, or the alert was resolved), delivered like any dispatch. Notices
+    -- have no outbox row and never count as acknowledgements or escalate.
+    notice          text CHECK (notice IN ('superseded')),
+    notice_of       uuid UNIQUE REFERENCES dispatches (id),
+    CHECK ((notice IS NULL) = (notice_of IS NULL)),
     UNIQUE (alert_id, outbox_id, channel)
 );
 -- "Due pending dispatches", in due order: small, whatever has been delivered over the years.

@@ -7,11 +7,15 @@ import random
 import time
 from typing import Any
 
+import psycopg
 import pytest
 
 from eldercare.alerts.dispatch.channels import Channels, channels_from
 from eldercare.alerts.dispatch.dispatcher import Dispatcher
+from eldercare.alerts.dispatch.routing import AckStatus
 from eldercare.alerts.rules import load_rule_set
+from eldercare.gateway.store import dispatches as store
+from eldercare.gateway.store.alerts import resolve
 from eldercare.simulators.hotlines import HotlineSimulator
 from tests.alerts.dispatch.outbox import Clock, raise_alert, rows
 
@@ -244,3 +248,99 @@ def test_a_permanent_refusal_by_120_escalates_at_once_without_waiting(
     assert ("escalated", "step 2 of route emergency: every channel refused or declined") in history(
         db_url, alert_id
     )
+
+
+def notices(sim: HotlineSimulator, hotline: str, since: int) -> list[dict[str, Any]]:
+    return [r.document for r in sim.received(hotline)[since:] if r.document and "notice" in r.document]
+
+
+def test_the_first_acknowledgement_wins_and_the_others_are_told_superseded(
+    db_url: str, simulator: HotlineSimulator
+) -> None:
+    before = {h: len(simulator.received(h)) for h in ("120", "12349", "sms")}
+    alert_id = raise_alert(db_url)
+    clock = Clock()
+    d = dispatcher(db_url, simulator, clock=clock)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(d.run(stop))
+        try:
+            async with asyncio.timeout(20):
+                while len(simulator.received("120")) == before["120"]:
+                    await asyncio.sleep(0.02)
+                clock.ahead = 61.0  # 120 does not answer: 12349 is called
+                while len(simulator.received("12349")) == before["12349"]:
+                    await asyncio.sleep(0.02)
+                [(d12349,)] = rows(
+                    db_url, "SELECT id FROM dispatches WHERE alert_id = %s AND channel = '12349'", alert_id
+                )
+                with psycopg.connect(db_url) as conn:
+                    done = store.acknowledge(conn, d12349, "12349", AckStatus.accepted, d.routing, d.now())
+                assert done is not None and done.alert_acknowledged and len(done.superseded) == 1
+                while not notices(simulator, "120", before["120"]):
+                    await asyncio.sleep(0.02)
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(scenario())
+    [(d120,)] = rows(
+        db_url,
+        "SELECT id FROM dispatches WHERE alert_id = %s AND channel = '120' AND notice IS NULL",
+        alert_id,
+    )
+    [notice] = notices(simulator, "120", before["120"])
+    assert notice["notice"] == "superseded" and notice["superseded_dispatch_id"] == str(d120)
+    assert notice["alert"]["id"] == str(alert_id) and "elder" not in notice
+    assert not notices(
+        simulator, "sms", before["sms"]
+    )  # the family was told, not asked: nothing to supersede
+    assert rows(
+        db_url,
+        "SELECT channel, state FROM dispatches WHERE alert_id = %s ORDER BY created_at, channel",
+        alert_id,
+    ) == [
+        ("120", "superseded"),
+        ("family", "delivered"),
+        ("12349", "acknowledged"),
+        ("120", "delivered"),  # the notice
+    ]
+
+
+def test_resolving_the_alert_stops_retries_and_tells_the_channel(
+    db_url: str, simulator: HotlineSimulator
+) -> None:
+    simulator.set_mode("12349", "error_500", times=0)  # until told otherwise
+    before = len(simulator.received("12349"))
+    alert_id = raise_alert(db_url, route="hotline", severity="urgent")
+    d = dispatcher(db_url, simulator)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(d.run(stop))
+        try:
+            async with asyncio.timeout(20):
+                while len(simulator.received("12349")) == before:
+                    await asyncio.sleep(0.02)
+                with psycopg.connect(db_url) as conn:
+                    resolve(conn, alert_id, "cli:nurse", "false alarm", d.now())
+                simulator.set_mode("12349", "ok")
+                while not notices(simulator, "12349", before):
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(2.5)  # the original's next retry would have come by now
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(scenario())
+    originals = [
+        r for r in simulator.received("12349")[before:] if r.document is None or "notice" not in r.document
+    ]
+    assert [r.answer for r in originals] == [500]  # tried once, never again once resolved
+    assert rows(
+        db_url, "SELECT state, notice FROM dispatches WHERE alert_id = %s ORDER BY created_at", alert_id
+    ) == [
+        ("superseded", None),
+        ("delivered", "superseded"),
+    ]
