@@ -110,10 +110,10 @@ def test_an_emergency_reaches_120_and_the_family_at_once_signed_and_minimised(
     assert rows(db_url, "SELECT count(*) FROM alert_outbox WHERE done_at IS NULL") == [(0,)]
 
 
-def test_500s_are_retried_with_backoff_and_the_same_idempotency_key(
+def test_three_500s_are_retried_with_backoff_and_the_same_idempotency_key(
     db_url: str, simulator: HotlineSimulator
 ) -> None:
-    simulator.set_mode("120", "error_500", times=2)
+    simulator.set_mode("120", "error_500", times=3)
     before = len(simulator.received("120"))
     alert_id = raise_alert(db_url)
 
@@ -122,7 +122,7 @@ def test_500s_are_retried_with_backoff_and_the_same_idempotency_key(
 
     asyncio.run(run_until([dispatcher(db_url, simulator)], delivered))
     got = simulator.received("120")[before:]
-    assert [r.answer for r in got] == [500, 500, 202]
+    assert [r.answer for r in got] == [500, 500, 500, 202]  # delivered on attempt 4
     assert len({r.idempotency_key for r in got}) == 1
     attempts = rows(
         db_url,
@@ -134,11 +134,12 @@ def test_500s_are_retried_with_backoff_and_the_same_idempotency_key(
     assert [(n, o, s) for n, o, s, _, _ in attempts] == [
         (1, "retryable", 500),
         (2, "retryable", 500),
-        (3, "delivered", 202),
+        (3, "retryable", 500),
+        (4, "delivered", 202),
     ]
-    # Backoff 1 s then 2 s, each shortened by at most a quarter (jitter), and respected.
+    # Backoff 1 s, 2 s, 4 s, each shortened by at most a quarter (jitter), and respected.
     for (_, _, _, started, due), (_, _, _, next_started, _), base in zip(
-        attempts, attempts[1:], (1.0, 2.0), strict=False
+        attempts, attempts[1:], (1.0, 2.0, 4.0), strict=False
     ):
         assert 0.75 * base - 0.05 <= (due - started).total_seconds() <= base + 0.5
         assert next_started >= due
@@ -344,3 +345,56 @@ def test_resolving_the_alert_stops_retries_and_tells_the_channel(
         ("superseded", None),
         ("delivered", "superseded"),
     ]
+
+
+def test_12349_down_an_sos_goes_to_120_after_60_s_and_12349_is_told_once_back(
+    db_url: str, simulator: HotlineSimulator
+) -> None:
+    """The SOS route asks the 12349 operator first; 120 if nobody acknowledges within 60 s."""
+    simulator.set_mode("12349", "down")
+    before = {h: len(simulator.received(h)) for h in ("120", "12349")}
+    alert_id = raise_alert(db_url, route="operator_first")
+    clock = Clock()
+    d = dispatcher(db_url, simulator, clock=clock)
+    tried = "SELECT attempts FROM dispatches WHERE alert_id = %s AND channel = '12349'"
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(d.run(stop))
+        try:
+            async with asyncio.timeout(30):
+                while rows(db_url, tried, alert_id) < [(2,)]:  # refused, and retried
+                    await asyncio.sleep(0.05)
+                clock.ahead = 61.0
+                while len(simulator.received("120")) == before["120"]:
+                    await asyncio.sleep(0.02)
+                [(d120,)] = rows(
+                    db_url, "SELECT id FROM dispatches WHERE alert_id = %s AND channel = '120'", alert_id
+                )
+                with psycopg.connect(db_url) as conn:
+                    store.acknowledge(conn, d120, "120", AckStatus.accepted, d.routing, d.now())
+                simulator.set_mode("12349", "ok")  # back after the outage
+                clock.ahead = 200.0  # past any backoff
+                while not notices(simulator, "12349", before["12349"]):
+                    await asyncio.sleep(0.02)
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(scenario())
+    [(d12349,)] = rows(
+        db_url,
+        "SELECT id FROM dispatches WHERE alert_id = %s AND channel = '12349' AND notice IS NULL",
+        alert_id,
+    )
+    got = simulator.received("12349")[before["12349"] :]
+    # While down it got nothing; back, it gets the notice, not the stale call-out.
+    assert [r.document["notice"] for r in got if r.document] == ["superseded"]
+    assert got[-1].document is not None and got[-1].document["superseded_dispatch_id"] == str(d12349)
+    assert rows(db_url, "SELECT state FROM alerts WHERE id = %s", alert_id) == [("acknowledged",)]
+    outcomes = rows(
+        db_url,
+        "SELECT a.outcome, a.reason FROM dispatch_attempts a WHERE a.dispatch_id = %s ORDER BY a.number",
+        d12349,
+    )
+    assert outcomes and all(o == ("retryable", "connect error") for o in outcomes)
