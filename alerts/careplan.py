@@ -65,6 +65,9 @@ class CarePlan(FrozenModel):
     overrides: FrozenMap[Name, FrozenMap[str, Any]] = Field(default_factory=dict, validate_default=True)
     #: Rules switched off for this elder.
     disabled: Names = frozenset()
+    #: Route -> the route this elder takes instead, e.g. a nursing-home resident's
+    #: {"emergency": "nursing_home_emergency"}: the nurse station is called with 120.
+    routes: FrozenMap[Name, Name] = Field(default_factory=dict, validate_default=True)
 
     @field_validator("timezone")
     @classmethod
@@ -144,6 +147,8 @@ def effective_rules(rule_set: RuleSet, plan: CarePlan, source: str = "care plan"
             for item in data.get(section, [])
             if item["id"] in keep
         ]
+    if plan.routes:
+        _reroute(data, plan.routes)
     if rule_set.news2 is not None:
         if rule_set.news2.id in keep:
             news2 = _adjusted(data["news2"], rule_set.news2, plan, conditions, keep)
@@ -180,6 +185,12 @@ def _check_names(rule_set: RuleSet, plan: CarePlan, source: str) -> None:
         Problem(source, None, "disabled", f"no rule {rule_id!r}")
         for rule_id in sorted(plan.disabled - rule_set.ids)
     ]
+    for route, instead in sorted(plan.routes.items()):
+        for name in (route, instead):
+            if name not in rule_set.routes:
+                known = ", ".join(sorted(rule_set.routes))
+                why = f"no route {name!r}; known: {known}"
+                problems.append(Problem(source, None, f"routes.{route}", why))
     for rule_id, override in sorted(plan.overrides.items()):
         if rule_id not in rule_set:
             problems.append(Problem(source, None, f"overrides.{rule_id}", "no such rule"))
@@ -188,6 +199,20 @@ def _check_names(rule_set: RuleSet, plan: CarePlan, source: str) -> None:
             problems += override_problems(rule, override, source, f"overrides.{rule_id}.", rule_set.catalog)
     if problems:
         raise CarePlanError(problems)
+
+
+def _reroute(data: dict[str, Any], instead: Mapping[str, str]) -> None:
+    """Every route the rules name (a rule's, a level's, a severity's default), as the plan
+    maps it; in place."""
+    defaults = data.get("defaults", {})
+    routes = defaults.get("severity_routes", {})
+    defaults["severity_routes"] = {sev: instead.get(name, name) for sev, name in routes.items()}
+    for section in (*_SECTIONS, "news2"):
+        items = data.get(section) or []
+        for item in items if isinstance(items, list) else [items]:
+            for holder in (item, *item.get("levels", ())):
+                if holder.get("route") in instead:
+                    holder["route"] = instead[holder["route"]]
 
 
 def _adjusted(

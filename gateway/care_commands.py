@@ -84,6 +84,15 @@ Override = Annotated[
         help="a rule field for this elder, VALUE as in TOML: 'spo2_low.window=\"10m\"' (repeat)",
     ),
 ]
+Reroute = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--route",
+        metavar="ROUTE=INSTEAD",
+        help="a route this elder takes instead, e.g. emergency=nursing_home_emergency (repeat;"
+        " replaces the map)",
+    ),
+]
 UpdatedBy = Annotated[str | None, typer.Option("--by", help="who sets the plan (default cli:<user>)")]
 
 
@@ -276,6 +285,7 @@ def care_plan(
     spo2_scale: int | None = None,
     disable: list[str] | None = None,
     overrides: list[str] | None = None,
+    routes: list[str] | None = None,
 ) -> CarePlan:
     """``base`` (or the plan in ``from_file``) with the fields the flags name replaced."""
     data = (load_care_plan(from_file) if from_file else base).as_data()
@@ -287,6 +297,13 @@ def care_plan(
         "disabled": disable,
     }
     data.update({k: v for k, v in given.items() if v is not None})
+    if routes is not None:
+        data["routes"] = {}
+        for text in routes:
+            route, sep, instead = (part.strip() for part in text.partition("="))
+            if not (sep and route and instead):
+                raise fail(f"--route {text!r}: write ROUTE=INSTEAD, e.g. emergency=nursing_home_emergency", 2)
+            data["routes"][route] = instead
     for text in overrides or []:
         target, sep, raw = text.partition("=")
         rule_id, dot, field = target.strip().partition(".")
@@ -329,6 +346,7 @@ def elders_add(
     timezone: Timezone = None,
     lives_alone: LivesAlone = None,
     spo2_scale: Spo2Scale = None,
+    route: Reroute = None,
     from_file: FromFile = None,
     by: UpdatedBy = None,
 ) -> None:
@@ -344,6 +362,7 @@ def elders_add(
             timezone=timezone,
             lives_alone=lives_alone,
             spo2_scale=spo2_scale,
+            routes=route,
         )
     except (ValueError, RuleSetError) as exc:
         raise fail(str(exc).splitlines()) from None
@@ -365,6 +384,7 @@ def elders_set_care_plan(
     spo2_scale: Spo2Scale = None,
     disable: Disable = None,
     override: Override = None,
+    route: Reroute = None,
     by: UpdatedBy = None,
 ) -> None:
     """Set an elder's care plan: the one in --from (or the current one) with the flags on top."""
@@ -384,6 +404,7 @@ def elders_set_care_plan(
                 spo2_scale=spo2_scale,
                 disable=disable,
                 overrides=override,
+                routes=route,
             )
         except RuleSetError as exc:
             raise fail([str(p) for p in exc.problems]) from None
@@ -427,6 +448,8 @@ def elders_show(
     for rule_id, fields in sorted(plan.overrides.items()):
         typer.echo(f"override {rule_id}: {json.dumps(thaw(fields), ensure_ascii=False)}")
     typer.echo(f"disabled: {', '.join(sorted(plan.disabled)) or 'none'}")
+    for route, instead in sorted(plan.routes.items()):
+        typer.echo(f"route {route}: {instead}")
     typer.echo(f"updated {updated} by {row.updated_by}")
 
 
@@ -528,4 +551,6 @@ def plan_summary(plan: CarePlan) -> str:
         parts.append(f"overrides {', '.join(sorted(plan.overrides))}")
     if plan.disabled:
         parts.append(f"disabled {', '.join(sorted(plan.disabled))}")
+    if plan.routes:
+        parts.append("routes " + ", ".join(f"{r}->{i}" for r, i in sorted(plan.routes.items())))
     return "; ".join(parts)

@@ -16,7 +16,7 @@ from eldercare.alerts.careplan import (
     load_care_plan,
     parse_care_plan,
 )
-from eldercare.alerts.rules import RuleSet, RuleSetError, ThresholdRule, load_rule_set
+from eldercare.alerts.rules import RuleSet, RuleSetError, Severity, ThresholdRule, load_rule_set
 
 RULES = load_rule_set()
 #: Rules only some elders get (rules.md: care-plan conditions, lives alone).
@@ -215,3 +215,23 @@ def test_care_plan_files_toml_and_json(tmp_path: Path) -> None:
 def _write(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def test_a_nursing_home_resident_is_routed_to_the_nurse_station_by_the_care_plan() -> None:
+    rules = load_rule_set()
+    plan = parse_care_plan(
+        {"routes": {"emergency": "nursing_home_emergency", "operator_first": "nursing_home_emergency"}}
+    )
+    mine = effective_rules(rules, plan)
+    assert mine.route_for("sos", Severity.emergency) == "nursing_home_emergency"  # the rule's own route
+    assert mine.route_for("fall_no_recovery", Severity.emergency) == "nursing_home_emergency"  # severity's
+    assert mine.route_for("spo2_low", Severity.urgent) == rules.route_for("spo2_low", Severity.urgent)
+    assert rules.route_for("sos", Severity.emergency) == "operator_first"  # the rule set is untouched
+    assert "nurse_station" in mine.routes["nursing_home_emergency"].steps[0].notify
+
+
+def test_a_care_plan_naming_an_unknown_route_says_which_field() -> None:
+    with pytest.raises(CarePlanError, match=r"routes\.emergency: no route 'nurse'"):
+        effective_rules(load_rule_set(), parse_care_plan({"routes": {"emergency": "nurse"}}))
+    with pytest.raises(CarePlanError, match=r"routes\.ambulance: no route 'ambulance'"):
+        effective_rules(load_rule_set(), parse_care_plan({"routes": {"ambulance": "emergency"}}))

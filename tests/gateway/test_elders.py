@@ -184,6 +184,31 @@ def test_elders_cli_round_trip(env: str, tmp_path: Path) -> None:
     assert listed.exit_code == 0 and "e-1001" in listed.output and "copd, hypertension" in listed.output
 
 
+def test_a_nursing_home_resident_gets_the_nurse_station_route_from_the_cli(env: str) -> None:
+    added = runner.invoke(app, ["elders", "add", "e-2001", "--route", "emergency=nursing_home_emergency"])
+    assert added.exit_code == 0, added.output
+    assert "routes emergency->nursing_home_emergency" in added.output
+    changed = runner.invoke(
+        app,
+        [
+            "elders", "set-care-plan", "e-2001", "--route", "emergency=nursing_home_emergency",
+            "--route", "urgent=nursing_home_urgent",
+        ],
+    )  # fmt: skip
+    assert changed.exit_code == 0, changed.output
+    readable = runner.invoke(app, ["elders", "show", "e-2001"]).output
+    assert (
+        "route emergency: nursing_home_emergency" in readable
+        and "route urgent: nursing_home_urgent" in readable
+    )
+    rules = json.loads(runner.invoke(app, ["rules", "show", "--elder", "e-2001", "--json"]).stdout)
+    assert rules["defaults"]["severity_routes"]["emergency"] == "nursing_home_emergency"
+    wrong = runner.invoke(app, ["elders", "set-care-plan", "e-2001", "--route", "emergency=nurse"])
+    assert wrong.exit_code == 1 and "routes.emergency: no route 'nurse'" in wrong.stderr
+    bad = runner.invoke(app, ["elders", "set-care-plan", "e-2001", "--route", "emergency"])
+    assert bad.exit_code == 2 and "ROUTE=INSTEAD" in bad.stderr
+
+
 def test_set_care_plan_from_a_file(env: str, tmp_path: Path) -> None:
     assert runner.invoke(app, ["elders", "add", "e-7"]).exit_code == 0
     path = tmp_path / "plan.toml"
