@@ -16,6 +16,7 @@ from eldercare.alerts.dispatch.routing import AckStatus
 from eldercare.alerts.rules import load_rule_set
 from eldercare.gateway.store import dispatches as store
 from eldercare.gateway.store.alerts import resolve
+from eldercare.simulators.alarm_centre import AlarmCentreSimulator, channel_secret
 from eldercare.simulators.hotlines import HotlineSimulator
 from tests.alerts.dispatch.outbox import Clock, raise_alert, rows
 
@@ -398,3 +399,38 @@ def test_12349_down_an_sos_goes_to_120_after_60_s_and_12349_is_told_once_back(
         d12349,
     )
     assert outcomes and all(o == ("retryable", "connect error") for o in outcomes)
+
+
+def test_an_alarm_receiving_centre_gets_the_emergency_over_sia_dc09(db_url: str) -> None:
+    """The dispatcher picks the adapter by channel kind: 120 here is an ARC speaking DC-09 (AES)."""
+    key = "0123456789ABCDEF"
+    alert_id = raise_alert(db_url)
+
+    async def scenario() -> list[Any]:
+        centre = AlarmCentreSimulator({"E1001": key})
+        await centre.start()
+        try:
+            entry = {"kind": "sia_dc09", "url": centre.url, "secret": channel_secret(key), "account": "E1001"}
+            d = Dispatcher(
+                db_url,
+                channels_from({"channels": {"120": entry}}, environ={}),
+                RULES,
+                ack_base_url="http://x",
+            )
+            stop = asyncio.Event()
+            task = asyncio.create_task(d.run(stop))
+            try:
+                async with asyncio.timeout(15):
+                    while not centre.received():
+                        await asyncio.sleep(0.02)
+            finally:
+                stop.set()
+                await task
+            return list(centre.received())
+        finally:
+            await centre.stop()
+
+    [event] = asyncio.run(scenario())
+    [(dispatch_id, state)] = rows(db_url, "SELECT id, state FROM dispatches WHERE alert_id = %s", alert_id)
+    assert event.encrypted and event.account == "E1001" and event.answer == "ACK"
+    assert event.dispatch_id == str(dispatch_id) and state == "delivered"
