@@ -545,6 +545,78 @@ def bench_rules(
         raise typer.Exit(1)
 
 
+@bench_app.command("alerts")
+def bench_alerts(
+    quick: Annotated[bool, typer.Option("--quick", help="smoke run (well under a minute)")] = False,
+    presses: Annotated[
+        int | None, typer.Option(min=0, help="presses of each kind per background (0: none; default 200)")
+    ] = None,
+    press_rate: Annotated[
+        float | None, typer.Option(min=0.1, help="presses of each kind per second (default 2)")
+    ] = None,
+    background: Annotated[
+        str | None,
+        typer.Option(
+            metavar="RATES", help="telemetry msg/s beside the presses, 0 idle (default 0,5000,10000)"
+        ),
+    ] = None,
+    devices: Annotated[
+        int | None, typer.Option(min=1, help="wristbands sending the background (default 10,000)")
+    ] = None,
+    alerts: Annotated[
+        int | None,
+        typer.Option(min=0, help="throughput: emergency alerts in the backlog (0: none; default 2,000)"),
+    ] = None,
+    outbox_batch: Annotated[
+        int | None, typer.Option(min=1, help="throughput: alerts per outbox transaction (default 50)")
+    ] = None,
+    outage_seconds: Annotated[
+        float | None,
+        typer.Option(min=0, help="throughput: 120 answers 500 this long in a second run (default 5)"),
+    ] = None,
+    ack_delay: Annotated[
+        float | None, typer.Option(min=0, help="seconds before a simulated hotline acknowledges (default 1)")
+    ] = None,
+    worker_env: BenchWorkerEnv = None,
+    admin_url: BenchAdminUrl = None,
+    keep: BenchKeep = False,
+    json_path: BenchJson = None,
+) -> None:
+    """Emergency latency to the first hotline request, and dispatch throughput, with simulated hotlines.
+
+    Uses its own database (created on --admin-url, dropped afterwards), its own mosquitto, the
+    simulated hotlines, one dispatcher and the acknowledgement API.
+    """
+    from dataclasses import replace
+
+    from eldercare.gateway.bench.alerts import AlertsOptions, run_alerts_bench
+    from eldercare.gateway.bench.database import default_admin_url
+
+    base = AlertsOptions.quick() if quick else AlertsOptions()
+    bench = replace(
+        base.bench,
+        admin_url=admin_url or default_admin_url(),
+        keep=keep,
+        json_path=json_path,
+        worker_env=bench_worker_env(worker_env),
+        devices=base.bench.devices if devices is None else devices,
+    )
+    given: dict[str, Any] = {
+        "presses": presses,
+        "press_rate": press_rate,
+        "backgrounds": bench_numbers(background, "--background"),
+        "throughput_alerts": alerts,
+        "outbox_batch": outbox_batch,
+        "outage_s": outage_seconds,
+        "ack_delay_s": ack_delay,
+    }
+    options = replace(base, bench=bench, **{k: v for k, v in given.items() if v is not None})
+    result = run_alerts_bench(options, out)
+    reached = all(k.requested == len(k.reached) for r in result.latency for k in r.kinds)
+    if not (reached and all(t.delivered == t.dispatches for t in result.throughput)):
+        raise typer.Exit(1)
+
+
 @bench_app.command("memory")
 def bench_memory(
     shape: Annotated[str, typer.Option(help="buffered (56 KB uploads), telemetry, or both")] = "both",

@@ -3,14 +3,15 @@
 A separate process (its own MQTT connection and its own database connection) presses SOS
 buttons at a steady rate, each press from its own device and elder, so every press opens an
 alert and writes one ``alert_outbox`` row (a press for an elder whose alert is open would only
-add evidence: no outbox row, no NOTIFY). It LISTENs on ``eldercare_outbox``: PostgreSQL
-delivers a NOTIFY only after its transaction commits, so on each one it looks up the presses
-still waiting, and a press whose outbox row it finds was committed by then. That time is an
-upper bound of the commit, late by the look-up's own start (well under a millisecond here).
-Publish and commit times are read on this process's clock; the worker's receipt time
-(``message_receipts.received_at``; the press is the last message of its batch, as an event
-ends a batch) and the decision time (``alerts.raised_at``) come from the same machine's clock
-and split the latency.
+add evidence: no outbox row, no NOTIFY). A press is one ``EmergencyKind``: the SOS event, or
+a glucose reading in the catalog's emergency band (another rule, another route). It LISTENs
+on ``eldercare_outbox``: PostgreSQL delivers a NOTIFY only after its transaction commits, so
+on each one it looks up the presses still waiting, and a press whose outbox row it finds was
+committed by then. That time is an upper bound of the commit, late by the look-up's own
+start (well under a millisecond here). Publish and commit times are read on this process's
+clock; the worker's receipt time (``message_receipts.received_at``; the press is the last
+message of its batch, as an event or an emergency-band reading ends a batch) and the decision
+time (``alerts.raised_at``) come from the same machine's clock and split the latency.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import multiprocessing as mp
 import queue
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,22 +38,44 @@ SOS_PREFIX = "sos"
 SETTLE_S = 60.0
 
 
-def sos_devices(count: int, offset: int = 0) -> list[tuple[str, str]]:
-    """(device id, elder id) of SOS buttons number offset .. offset + count - 1."""
-    return [(f"dev-{SOS_PREFIX}-{i:05d}", f"eld-{SOS_PREFIX}-{i:05d}") for i in range(offset, offset + count)]
+@dataclass(frozen=True)
+class EmergencyKind:
+    """What one press is: the device that sends it, where and what, and the rule it raises."""
+
+    #: Also the prefix of its devices' and elders' ids.
+    name: str
+    device_type: str
+    #: The topic's last part: ``events`` (the worker's events lane) or ``telemetry``.
+    topic: str
+    #: The message, less its msg_id and ts.
+    payload: Mapping[str, Any]
+    rule: str
 
 
-def register_sos_devices(conn: psycopg.Connection, count: int) -> None:
-    """Register ``count`` SOS buttons, each with its own elder (no care plan: the defaults)."""
-    pairs = sos_devices(count)
+SOS = EmergencyKind(SOS_PREFIX, "sos_button", "events", {"event": "sos_pressed"}, "sos")
+#: A reading in the catalog's emergency band (blood_glucose < 3.0): it goes in a batch of
+#: its own, but over the telemetry session, behind whatever telemetry the broker holds.
+SEVERE_HYPOGLYCAEMIA = EmergencyKind(
+    "hypo", "glucometer", "telemetry", {"metrics": {"blood_glucose": 2.5}}, "hypoglycaemia_severe"
+)
+
+
+def sos_devices(count: int, offset: int = 0, kind: EmergencyKind = SOS) -> list[tuple[str, str]]:
+    """(device id, elder id) of the kind's devices number offset .. offset + count - 1."""
+    return [(f"dev-{kind.name}-{i:05d}", f"eld-{kind.name}-{i:05d}") for i in range(offset, offset + count)]
+
+
+def register_sos_devices(conn: psycopg.Connection, count: int, kind: EmergencyKind = SOS) -> None:
+    """Register ``count`` devices of the kind, each with its own elder (no care plan: the defaults)."""
+    pairs = sos_devices(count, kind=kind)
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO elders (elder_id) VALUES (%s) ON CONFLICT DO NOTHING", [(e,) for _, e in pairs]
         )
         cur.executemany(
-            "INSERT INTO devices (device_id, type, elder_id) VALUES (%s, 'sos_button', %s)"
+            "INSERT INTO devices (device_id, type, elder_id) VALUES (%s, %s, %s)"
             " ON CONFLICT (device_id) DO NOTHING",
-            pairs,
+            [(d, kind.device_type, e) for d, e in pairs],
         )
 
 
@@ -66,6 +89,10 @@ class SosPlan:
     rate: float = 2.0
     lead_s: float = 5.0
     tag: str = "sos"
+    kind: EmergencyKind = SOS
+    #: The first press at this epoch time instead of ``lead_s`` after the presser connected:
+    #: two pressers then take turns (their presses never coincide by accident).
+    start_at: float | None = None
 
     @property
     def seconds(self) -> float:
@@ -167,7 +194,9 @@ class Presser:
         except queue.Empty:
             presses, error = [], "the SOS presser reported nothing"
         self.close()
-        return SosResult(tuple(_with_store_times(self.plan.db_url, presses)), background, error)
+        return SosResult(
+            tuple(_with_store_times(self.plan.db_url, presses, self.plan.kind.rule)), background, error
+        )
 
     def close(self) -> None:
         self._proc.join(timeout=5)
@@ -176,7 +205,7 @@ class Presser:
             self._proc.join(timeout=2)
 
 
-def _with_store_times(db_url: str, presses: list[Press]) -> list[Press]:
+def _with_store_times(db_url: str, presses: list[Press], rule: str) -> list[Press]:
     if not presses:
         return presses
     with psycopg.connect(db_url) as conn:
@@ -185,8 +214,13 @@ def _with_store_times(db_url: str, presses: list[Press]) -> list[Press]:
             " extract(epoch FROM a.raised_at)::float8"
             " FROM unnest(%s::text[], %s::text[], %s::text[]) AS p(device_id, elder_id, msg_id)"
             " LEFT JOIN message_receipts r ON r.device_id = p.device_id AND r.msg_id = p.msg_id"
-            " LEFT JOIN alerts a ON a.elder_id = p.elder_id AND a.rule = 'sos'",
-            ([p.device_id for p in presses], [p.elder_id for p in presses], [p.msg_id for p in presses]),
+            " LEFT JOIN alerts a ON a.elder_id = p.elder_id AND a.rule = %s",
+            (
+                [p.device_id for p in presses],
+                [p.elder_id for p in presses],
+                [p.msg_id for p in presses],
+                rule,
+            ),
         ).fetchall()
     times = {msg_id: (rx, raised) for msg_id, rx, raised in rows}
     out = []
@@ -219,7 +253,8 @@ def _presser_main(plan: SosPlan, ready: Any, results: Any) -> None:
 
 
 def _press(plan: SosPlan, conn: psycopg.Connection, client: mqtt.Client) -> list[Press]:
-    start = time.time() + plan.lead_s
+    start = plan.start_at or time.time() + plan.lead_s
+    kind = plan.kind
     published: list[tuple[str, str, str, float]] = []
     committed: dict[int, float] = {}
     waiting: dict[str, int] = {}  # elder id -> press number
@@ -231,8 +266,8 @@ def _press(plan: SosPlan, conn: psycopg.Connection, client: mqtt.Client) -> list
             device_id, elder_id = plan.devices[i]
             msg_id = f"{plan.tag}-{i}"
             ts = time.time()
-            body = orjson.dumps({"msg_id": msg_id, "ts": int(ts * 1000), "event": "sos_pressed"})
-            info = client.publish(f"eldercare/v1/devices/{device_id}/events", body, qos=1)
+            body = orjson.dumps({"msg_id": msg_id, "ts": int(ts * 1000), **kind.payload})
+            info = client.publish(f"eldercare/v1/devices/{device_id}/{kind.topic}", body, qos=1)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:
                 raise ConnectionError(f"publish failed: {mqtt.error_string(info.rc)}")
             client.loop(timeout=0)  # out on the socket now
@@ -251,8 +286,8 @@ def _press(plan: SosPlan, conn: psycopg.Connection, client: mqtt.Client) -> list
             looked = time.time()  # what this look-up finds had committed before it started
             rows = conn.execute(
                 "SELECT a.elder_id FROM alerts a JOIN alert_outbox o ON o.alert_id = a.id"
-                " WHERE a.elder_id = ANY(%s) AND a.rule = 'sos'",
-                (list(waiting),),
+                " WHERE a.elder_id = ANY(%s) AND a.rule = %s",
+                (list(waiting), kind.rule),
             ).fetchall()
             for (elder_id,) in rows:
                 committed[waiting.pop(elder_id)] = looked

@@ -19,6 +19,15 @@ from eldercare.gateway.bench.options import BenchOptions
 from eldercare.gateway.broker import free_port
 
 
+def eldercare_command(*args: str) -> list[str]:
+    """The ``eldercare`` command of this interpreter's environment, with ``args``."""
+    exe = Path(sys.executable).with_name("eldercare")
+    if exe.exists():
+        return [str(exe), *args]
+    code = "from eldercare.gateway.cli import main; main()"
+    return [sys.executable, "-c", code, *args]
+
+
 class Workers:
     """``eldercare serve --role ingest`` subprocesses of the bench, and their metrics."""
 
@@ -45,11 +54,7 @@ class Workers:
         self.max_rss = 0
 
     def command(self) -> list[str]:
-        exe = Path(sys.executable).with_name("eldercare")
-        if exe.exists():
-            return [str(exe), "serve", "--role", "ingest"]
-        code = "from eldercare.gateway.cli import main; main()"
-        return [sys.executable, "-c", code, "serve", "--role", "ingest"]
+        return eldercare_command("serve", "--role", "ingest")
 
     def env(self, i: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ELDERCARE_")}
