@@ -77,13 +77,18 @@ def unconfigured(route: Route, step: int, configured: Collection[str]) -> list[s
     return [c for c in route.steps[step].notify if c not in configured]
 
 
-def step_deadline(route: Route, step: int, started: datetime) -> datetime | None:
-    """When a step that nobody acknowledged escalates to the next; None: it never does
-    (the last step, or a step with no deadline of its own)."""
+def step_deadline(
+    route: Route, step: int, started: datetime, task_due: datetime | None = None
+) -> datetime | None:
+    """When a step that nobody acknowledged escalates to the next; None: it never does (the
+    last step, or a step with no deadline of its own and no task). A follow-up's step has no
+    deadline of its own: its task's due date is (hotline-dispatch.md, default routes)."""
     if step + 1 >= len(route.steps):
         return None
     within = route.steps[step].ack_within
-    return None if within is None else started + within
+    if within is None:
+        return task_due
+    return started + within
 
 
 def retry_delay(attempt: int, retry_after_s: float | None, draw: float) -> float:
@@ -213,6 +218,13 @@ class Routing:
         found = self.routes.get(route)
         return [] if found is None else step_dispatches(found, step, self.configured, self.notify_only)
 
-    def deadline(self, route: str, step: int, started: datetime) -> datetime | None:
+    def steps_of(self, route: str) -> int:
+        """How many steps the route has (0 for an unknown route)."""
         found = self.routes.get(route)
-        return None if found is None else step_deadline(found, step, started)
+        return 0 if found is None else len(found.steps)
+
+    def deadline(
+        self, route: str, step: int, started: datetime, task_due: datetime | None = None
+    ) -> datetime | None:
+        found = self.routes.get(route)
+        return None if found is None else step_deadline(found, step, started, task_due)

@@ -67,13 +67,15 @@ def take_outbox(
     empty: list[int] = []
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(
-            "SELECT id, alert_id, route FROM alert_outbox WHERE done_at IS NULL"
-            " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+            "SELECT o.id, o.alert_id, o.route, (SELECT min(t.due_at) FROM tasks t"
+            "   WHERE t.source_alert = o.alert_id AND t.state = 'open')"
+            " FROM alert_outbox o WHERE o.done_at IS NULL"
+            " ORDER BY o.id LIMIT %s FOR UPDATE OF o SKIP LOCKED",
             (limit,),
         )
         rows = cur.fetchall()
-        for outbox_id, alert_id, route in rows:
-            opened = _open_step(cur, alert_id, outbox_id, route, 0, routing, now, lease)
+        for outbox_id, alert_id, route, task_due in rows:
+            opened = _open_step(cur, alert_id, outbox_id, route, 0, routing, now, lease, task_due)
             if not opened:
                 empty.append(outbox_id)
             claimed += opened
@@ -94,11 +96,20 @@ def _open_step(
     routing: Routing,
     now: datetime,
     lease: timedelta | None,
+    task_due: datetime | None = None,
 ) -> list[Claimed]:
     """Insert a route step's dispatches, due now (leased to the caller when ``lease``), and
-    schedule the step's escalation at its deadline."""
+    schedule the step's escalation at its deadline (a follow-up's: its task's due date).
+
+    A step that names no channel this deployment configured is passed over for the next one
+    at once: an alert that a later step can deliver never waits for a deadline of nobody.
+    """
+    planned = routing.step(route, step)
+    while not planned and step + 1 < routing.steps_of(route):
+        step += 1
+        planned = routing.step(route, step)
     claimed = []
-    for p in routing.step(route, step):
+    for p in planned:
         cur.execute(
             "INSERT INTO dispatches (alert_id, outbox_id, channel, route, step, counts_as_ack,"
             " attempts, next_attempt_at, claimed_until, created_at)"
@@ -120,7 +131,7 @@ def _open_step(
         row = cur.fetchone()
         if row is not None:
             claimed.append(Claimed(row[0], alert_id, p.channel, 1))
-    deadline = routing.deadline(route, step, now)
+    deadline = routing.deadline(route, step, now, task_due)
     if claimed and deadline is not None:
         payload = {"alert_id": str(alert_id), "outbox_id": outbox_id, "step": step}
         timers.schedule(

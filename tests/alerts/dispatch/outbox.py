@@ -14,7 +14,12 @@ from eldercare.gateway.store.devices import add_device
 
 
 def raise_alert(
-    db_url: str, *, route: str = "emergency", rule: str = "sos", severity: str = "emergency"
+    db_url: str,
+    *,
+    route: str = "emergency",
+    rule: str = "sos",
+    severity: str = "emergency",
+    task_due: datetime | None = None,
 ) -> uuid.UUID:
     """An alert and its outbox row as the rules write them (one transaction, NOTIFY on commit)."""
     elder = f"e-{uuid.uuid4().hex[:8]}"
@@ -53,6 +58,12 @@ def raise_alert(
                     now,
                 ),
             )
+            if task_due is not None:  # a follow-up: its task for the family doctor team
+                conn.execute(
+                    "INSERT INTO tasks (elder_id, kind, assignee, due_at, created_at, source_alert,"
+                    " source_rule) VALUES (%s, 'follow_up', 'family_doctor', %s, %s, %s, %s)",
+                    (elder, task_due, now, alert_id, rule),
+                )
             conn.execute(
                 "INSERT INTO alert_outbox (alert_id, reason, severity, route, created_at)"
                 " VALUES (%s, 'raised', %s, %s, %s)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -26,11 +27,18 @@ RULES = load_rule_set()
 pytestmark = pytest.mark.usefixtures("every_hotline_ok")
 
 
-def channels(sim: HotlineSimulator) -> Channels:
-    """The deployment's channels pointed at the simulators: family contacts by SMS."""
+def channels(sim: HotlineSimulator, without: tuple[str, ...] = ()) -> Channels:
+    """The deployment's channels pointed at the simulators: family contacts by SMS, the family
+    doctor team's task queue; ``without`` some of them."""
     entries: dict[str, Any] = {
         name: {"kind": "webhook", "url": sim.url(name), "secret": sim.secret(name), "timeout": 1.0}
         for name in ("120", "12349", "12320")
+    }
+    entries["family_doctor"] = {
+        "kind": "task_queue",
+        "url": sim.url("family_doctor"),
+        "secret": sim.secret("family_doctor"),
+        "timeout": 1.0,
     }
     entries["family"] = {
         "kind": "sms_gateway",
@@ -38,6 +46,8 @@ def channels(sim: HotlineSimulator) -> Channels:
         "secret": sim.secret("sms"),
         "timeout": 1.0,
     }
+    for name in without:
+        del entries[name]
     return channels_from({"channels": entries}, environ={})
 
 
@@ -434,3 +444,61 @@ def test_an_alarm_receiving_centre_gets_the_emergency_over_sia_dc09(db_url: str)
     [(dispatch_id, state)] = rows(db_url, "SELECT id, state FROM dispatches WHERE alert_id = %s", alert_id)
     assert event.encrypted and event.account == "E1001" and event.answer == "ACK"
     assert event.dispatch_id == str(dispatch_id) and state == "delivered"
+
+
+def test_a_follow_up_nobody_takes_by_its_tasks_due_date_goes_to_12320(
+    db_url: str, simulator: HotlineSimulator
+) -> None:
+    before = len(simulator.received("12320"))
+    due = datetime.now(UTC) + timedelta(days=7)
+    alert_id = raise_alert(
+        db_url, route="follow_up", rule="bp_uncontrolled", severity="follow_up", task_due=due
+    )
+    clock = Clock()
+    d = dispatcher(db_url, simulator, clock=clock)
+    escalations = "SELECT due_at FROM timers WHERE kind = 'dispatch_escalation' AND key LIKE %s"
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(d.run(stop))
+        try:
+            async with asyncio.timeout(20):
+                while not rows(db_url, escalations, f"{alert_id}:%"):
+                    await asyncio.sleep(0.02)
+                clock.ahead = 8 * 86_400.0
+                while len(simulator.received("12320")) == before:
+                    await asyncio.sleep(0.02)
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(scenario())
+    assert rows(db_url, escalations, f"{alert_id}:%") == [(due,)]
+    assert rows(
+        db_url, "SELECT channel, step FROM dispatches WHERE alert_id = %s ORDER BY step", alert_id
+    ) == [
+        ("family_doctor", 0),
+        ("12320", 1),
+    ]
+
+
+def test_a_route_step_reaching_no_configured_channel_passes_to_the_next_at_once(
+    db_url: str, simulator: HotlineSimulator
+) -> None:
+    """A deployment without a family doctor system: follow-ups go to 12320 at once, not in 7 days."""
+    before = len(simulator.received("12320"))
+    due = datetime.now(UTC) + timedelta(days=7)
+    alert_id = raise_alert(
+        db_url, route="follow_up", rule="bp_uncontrolled", severity="follow_up", task_due=due
+    )
+    d = Dispatcher(
+        db_url,
+        channels(simulator, without=("family_doctor",)),
+        RULES,
+        ack_base_url="http://x",
+        rng=random.Random(1),
+    )
+    asyncio.run(run_until([d], lambda: len(simulator.received("12320")) > before))
+    assert rows(db_url, "SELECT channel, step FROM dispatches WHERE alert_id = %s", alert_id) == [
+        ("12320", 1)
+    ]

@@ -177,3 +177,10 @@ def test_at_its_deadline_a_step_nobody_acknowledged_escalates_once() -> None:
     assert deadline_escalation(route, [view("12349", 0, ack="accepted")], 0) is None
     assert deadline_escalation(route, [view("12349", 0, "failed"), view("fd", 1)], 0) is None  # went on early
     assert deadline_escalation(route, [view("a", 0), view("b", 1), view("c", 2)], 2) is None  # the last step
+
+
+def test_a_follow_ups_first_step_escalates_at_its_tasks_due_date() -> None:
+    due = NOW + timedelta(days=7)
+    assert step_deadline(ROUTES["follow_up"], 0, NOW, task_due=due) == due
+    assert step_deadline(ROUTES["follow_up"], 1, NOW, task_due=due) is None  # 12320 is the last
+    assert step_deadline(ROUTES["emergency"], 0, NOW, task_due=due) == NOW + timedelta(seconds=60)
