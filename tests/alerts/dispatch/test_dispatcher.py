@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -49,6 +51,19 @@ def channels(sim: HotlineSimulator, without: tuple[str, ...] = ()) -> Channels:
     for name in without:
         del entries[name]
     return channels_from({"channels": entries}, environ={})
+
+
+@asynccontextmanager
+async def serving(d: Dispatcher, timeout: float = 20.0) -> AsyncIterator[None]:
+    """Run ``d`` while the block runs (at most ``timeout`` s), then stop it and wait."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(d.run(stop))
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    finally:
+        stop.set()
+        await task
 
 
 async def run_until(dispatchers: list[Dispatcher], done: Any, timeout: float = 15.0) -> None:
@@ -206,20 +221,14 @@ def test_an_emergency_nobody_acknowledges_in_60_s_escalates_to_12349(
     clock = Clock()
 
     async def scenario() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(dispatcher(db_url, simulator, clock=clock).run(stop))
-        try:
-            async with asyncio.timeout(20):
-                while len(simulator.received("120")) == before["120"]:
-                    await asyncio.sleep(0.02)
-                await asyncio.sleep(0.5)
-                assert len(simulator.received("12349")) == before["12349"]  # not before the deadline
-                clock.ahead = 61.0  # 120 took it but nobody acknowledged within 60 s
-                while len(simulator.received("12349")) == before["12349"]:
-                    await asyncio.sleep(0.02)
-        finally:
-            stop.set()
-            await task
+        async with serving(dispatcher(db_url, simulator, clock=clock), 20):
+            while len(simulator.received("120")) == before["120"]:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)
+            assert len(simulator.received("12349")) == before["12349"]  # not before the deadline
+            clock.ahead = 61.0  # 120 took it but nobody acknowledged within 60 s
+            while len(simulator.received("12349")) == before["12349"]:
+                await asyncio.sleep(0.02)
 
     asyncio.run(scenario())
     assert rows(
@@ -275,26 +284,20 @@ def test_the_first_acknowledgement_wins_and_the_others_are_told_superseded(
     d = dispatcher(db_url, simulator, clock=clock)
 
     async def scenario() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(d.run(stop))
-        try:
-            async with asyncio.timeout(20):
-                while len(simulator.received("120")) == before["120"]:
-                    await asyncio.sleep(0.02)
-                clock.ahead = 61.0  # 120 does not answer: 12349 is called
-                while len(simulator.received("12349")) == before["12349"]:
-                    await asyncio.sleep(0.02)
-                [(d12349,)] = rows(
-                    db_url, "SELECT id FROM dispatches WHERE alert_id = %s AND channel = '12349'", alert_id
-                )
-                with psycopg.connect(db_url) as conn:
-                    done = store.acknowledge(conn, d12349, "12349", AckStatus.accepted, d.routing, d.now())
-                assert done is not None and done.alert_acknowledged and len(done.superseded) == 1
-                while not notices(simulator, "120", before["120"]):
-                    await asyncio.sleep(0.02)
-        finally:
-            stop.set()
-            await task
+        async with serving(d, 20):
+            while len(simulator.received("120")) == before["120"]:
+                await asyncio.sleep(0.02)
+            clock.ahead = 61.0  # 120 does not answer: 12349 is called
+            while len(simulator.received("12349")) == before["12349"]:
+                await asyncio.sleep(0.02)
+            [(d12349,)] = rows(
+                db_url, "SELECT id FROM dispatches WHERE alert_id = %s AND channel = '12349'", alert_id
+            )
+            with psycopg.connect(db_url) as conn:
+                done = store.acknowledge(conn, d12349, "12349", AckStatus.accepted, d.routing, d.now())
+            assert done is not None and done.alert_acknowledged and len(done.superseded) == 1
+            while not notices(simulator, "120", before["120"]):
+                await asyncio.sleep(0.02)
 
     asyncio.run(scenario())
     [(d120,)] = rows(
@@ -329,21 +332,15 @@ def test_resolving_the_alert_stops_retries_and_tells_the_channel(
     d = dispatcher(db_url, simulator)
 
     async def scenario() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(d.run(stop))
-        try:
-            async with asyncio.timeout(20):
-                while len(simulator.received("12349")) == before:
-                    await asyncio.sleep(0.02)
-                with psycopg.connect(db_url) as conn:
-                    resolve(conn, alert_id, "cli:nurse", "false alarm", d.now())
-                simulator.set_mode("12349", "ok")
-                while not notices(simulator, "12349", before):
-                    await asyncio.sleep(0.02)
-                await asyncio.sleep(2.5)  # the original's next retry would have come by now
-        finally:
-            stop.set()
-            await task
+        async with serving(d, 20):
+            while len(simulator.received("12349")) == before:
+                await asyncio.sleep(0.02)
+            with psycopg.connect(db_url) as conn:
+                resolve(conn, alert_id, "cli:nurse", "false alarm", d.now())
+            simulator.set_mode("12349", "ok")
+            while not notices(simulator, "12349", before):
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(2.5)  # the original's next retry would have come by now
 
     asyncio.run(scenario())
     originals = [
@@ -370,27 +367,21 @@ def test_12349_down_an_sos_goes_to_120_after_60_s_and_12349_is_told_once_back(
     tried = "SELECT attempts FROM dispatches WHERE alert_id = %s AND channel = '12349'"
 
     async def scenario() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(d.run(stop))
-        try:
-            async with asyncio.timeout(30):
-                while rows(db_url, tried, alert_id) < [(2,)]:  # refused, and retried
-                    await asyncio.sleep(0.05)
-                clock.ahead = 61.0
-                while len(simulator.received("120")) == before["120"]:
-                    await asyncio.sleep(0.02)
-                [(d120,)] = rows(
-                    db_url, "SELECT id FROM dispatches WHERE alert_id = %s AND channel = '120'", alert_id
-                )
-                with psycopg.connect(db_url) as conn:
-                    store.acknowledge(conn, d120, "120", AckStatus.accepted, d.routing, d.now())
-                simulator.set_mode("12349", "ok")  # back after the outage
-                clock.ahead = 200.0  # past any backoff
-                while not notices(simulator, "12349", before["12349"]):
-                    await asyncio.sleep(0.02)
-        finally:
-            stop.set()
-            await task
+        async with serving(d, 30):
+            while rows(db_url, tried, alert_id) < [(2,)]:  # refused, and retried
+                await asyncio.sleep(0.05)
+            clock.ahead = 61.0
+            while len(simulator.received("120")) == before["120"]:
+                await asyncio.sleep(0.02)
+            [(d120,)] = rows(
+                db_url, "SELECT id FROM dispatches WHERE alert_id = %s AND channel = '120'", alert_id
+            )
+            with psycopg.connect(db_url) as conn:
+                store.acknowledge(conn, d120, "120", AckStatus.accepted, d.routing, d.now())
+            simulator.set_mode("12349", "ok")  # back after the outage
+            clock.ahead = 200.0  # past any backoff
+            while not notices(simulator, "12349", before["12349"]):
+                await asyncio.sleep(0.02)
 
     asyncio.run(scenario())
     [(d12349,)] = rows(
@@ -427,15 +418,9 @@ def test_an_alarm_receiving_centre_gets_the_emergency_over_sia_dc09(db_url: str)
                 RULES,
                 ack_base_url="http://x",
             )
-            stop = asyncio.Event()
-            task = asyncio.create_task(d.run(stop))
-            try:
-                async with asyncio.timeout(15):
-                    while not centre.received():
-                        await asyncio.sleep(0.02)
-            finally:
-                stop.set()
-                await task
+            async with serving(d, 15):
+                while not centre.received():
+                    await asyncio.sleep(0.02)
             return list(centre.received())
         finally:
             await centre.stop()
@@ -459,18 +444,12 @@ def test_a_follow_up_nobody_takes_by_its_tasks_due_date_goes_to_12320(
     escalations = "SELECT due_at FROM timers WHERE kind = 'dispatch_escalation' AND key LIKE %s"
 
     async def scenario() -> None:
-        stop = asyncio.Event()
-        task = asyncio.create_task(d.run(stop))
-        try:
-            async with asyncio.timeout(20):
-                while not rows(db_url, escalations, f"{alert_id}:%"):
-                    await asyncio.sleep(0.02)
-                clock.ahead = 8 * 86_400.0
-                while len(simulator.received("12320")) == before:
-                    await asyncio.sleep(0.02)
-        finally:
-            stop.set()
-            await task
+        async with serving(d, 20):
+            while not rows(db_url, escalations, f"{alert_id}:%"):
+                await asyncio.sleep(0.02)
+            clock.ahead = 8 * 86_400.0
+            while len(simulator.received("12320")) == before:
+                await asyncio.sleep(0.02)
 
     asyncio.run(scenario())
     assert rows(db_url, escalations, f"{alert_id}:%") == [(due,)]
