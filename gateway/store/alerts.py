@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from math import inf
+from math import inf, isfinite
 from typing import Any
 from uuid import UUID
 
@@ -178,9 +178,12 @@ def _add_resolved(
 #: judged is among them). Clock-skewed readings never feed rules.
 _SERIES_SQL = """
 SELECT w.elder_id, w.metric, o.time, o.value
-FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[], %s::timestamptz[],
-            %s::timestamptz[], %s::bool[], %s::float8[], %s::float8[], %s::float8[], %s::float8[])
-  AS w(elder_id, metric, start, stop, since, first, cuts, lo1, hi1, lo2, hi2)
+FROM (SELECT elder_id, metric, start, stop, since, first, cuts,
+             coalesce(lo1, '-Infinity') AS lo1, coalesce(hi1, 'Infinity') AS hi1,
+             coalesce(lo2, '-Infinity') AS lo2, coalesce(hi2, 'Infinity') AS hi2
+        FROM json_to_recordset(%s::json) AS x(elder_id text, metric text, start timestamptz,
+             stop timestamptz, since timestamptz, first timestamptz, cuts bool, lo1 float8,
+             hi1 float8, lo2 float8, hi2 float8)) AS w
 CROSS JOIN LATERAL (SELECT coalesce((
     SELECT o.time FROM observations o
     WHERE w.cuts AND o.elder_id = w.elder_id AND o.metric = w.metric
@@ -210,14 +213,33 @@ _EVENTS_SQL = (
 
 
 def _series_params(series: Sequence[Lookup]) -> tuple[Any, ...]:
-    columns: list[list[Any]] = [[] for _ in range(11)]
+    """The look-ups as one JSON document (orjson, in C), not eleven arrays that psycopg would
+    adapt element by element in Python (a measured 6 % of the committer's time with the rules
+    on). JSON has no infinity: an open band's end goes as null, read back as +-Infinity."""
+    rows = []
     for x in series:
         bands = x.holds or ((-inf, inf),)
         (lo1, hi1), (lo2, hi2) = bands[0], bands[-1]
-        row = (x.elder_id, x.name, x.start, x.end, x.since or x.start, x.first or x.start)
-        for column, value in zip(columns, (*row, x.holds is not None, lo1, hi1, lo2, hi2), strict=True):
-            column.append(value)
-    return (*columns, SERIES_LIMIT)
+        rows.append(
+            {
+                "elder_id": x.elder_id,
+                "metric": x.name,
+                "start": x.start,
+                "stop": x.end,
+                "since": x.since or x.start,
+                "first": x.first or x.start,
+                "cuts": x.holds is not None,
+                "lo1": _finite(lo1),
+                "hi1": _finite(hi1),
+                "lo2": _finite(lo2),
+                "hi2": _finite(hi2),
+            }
+        )
+    return (orjson.dumps(rows).decode(), SERIES_LIMIT)
+
+
+def _finite(value: float) -> float | None:
+    return value if isfinite(value) else None
 
 
 def _event_params(events: Sequence[Lookup]) -> tuple[Any, ...]:
