@@ -108,6 +108,15 @@ class BenchHotlines:
         response = self._client.post(f"{self.control_url}/{hotline}", json={"mode": mode, **parameters})
         response.raise_for_status()
 
+    def set_acks(self, hotline: str, statuses: list[str]) -> None:
+        """The acknowledgements the hotline sends after each dispatch it takes (``[]``: none)."""
+        response = self._client.post(f"{self.control_url}/{hotline}", json={"ack_statuses": statuses})
+        response.raise_for_status()
+
+    @property
+    def hotlines(self) -> list[str]:
+        return list(self._hotlines)
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
