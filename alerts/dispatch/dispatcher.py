@@ -16,6 +16,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,8 +43,15 @@ WEBHOOK_KINDS = ("webhook", "sms_gateway", "task_queue", "nurse_station")
 LEASE_MARGIN_S = 10.0
 #: The safety-net sweep, when no NOTIFY came.
 SWEEP_S = 1.0
-#: Deliveries in flight at once per dispatcher.
-CONCURRENCY = 64
+#: Deliveries in flight at once per channel: a slow hotline never takes every slot, and each
+#: hotline's connections stay few enough to be kept alive (the webhook client keeps 100).
+PER_CHANNEL = 16
+#: Outbox rows and due dispatches claimed per pass; a full pass is followed by another at
+#: once (a backlog drains at the adapters' pace, not one batch per sweep).
+CLAIM_BATCH = 100
+#: Claimed deliveries held at most (in flight or waiting for their channel's slot): more would
+#: wait past their lease, and another dispatcher would take them again.
+MAX_HELD = 400
 
 
 def default_adapters() -> dict[str, Adapter]:
@@ -85,7 +93,7 @@ class Dispatcher:
         self.lease = timedelta(seconds=3 * longest + LEASE_MARGIN_S)
         self.pool = ConnectionPool(conninfo, min_size=2, max_size=4, open=False, name="dispatcher")
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(CONCURRENCY)
+        self._slots: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(PER_CHANNEL))
         self.routing = Routing(rules.routes, frozenset(channels.by_name), channels.notify_only)
         # Route steps' deadlines are durable timers: any dispatcher alive escalates them.
         self.timers = TimerRunner(
@@ -111,8 +119,11 @@ class Dispatcher:
             self._say_unconfigured()
             self.timers.start()
             while not stop.is_set():
-                await self.run_once()
-                await self._wait(listener, stop)
+                if len(self._tasks) >= MAX_HELD:
+                    await asyncio.wait(set(self._tasks), timeout=SWEEP_S, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                if await self.run_once() < CLAIM_BATCH:
+                    await self._wait(listener, stop)
         finally:
             self.timers.stop()
             await listener.close()
@@ -141,16 +152,17 @@ class Dispatcher:
             await asyncio.gather(notified, return_exceptions=True)
 
     async def run_once(self) -> int:
-        """One pass: new outbox rows and due dispatches, each delivery started; how many."""
-        claimed = await asyncio.to_thread(self._claim)
+        """One pass: new outbox rows and due dispatches, each delivery started; how many rows
+        it took (``CLAIM_BATCH`` or more: there may be more waiting)."""
+        claimed, taken = await asyncio.to_thread(self._claim)
         if not claimed:
-            return 0
+            return taken
         docs = await asyncio.to_thread(self._documents, {c.alert_id for c in claimed})
         for c in claimed:
             task = asyncio.create_task(self._deliver(c, docs.get(c.alert_id)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return len(claimed)
+        return taken
 
     async def idle(self) -> None:
         """Wait until every delivery started has recorded its outcome (for tests and stop)."""
@@ -169,13 +181,15 @@ class Dispatcher:
                         extra={"route": name, "step": step + 1, "channel": channel},
                     )
 
-    def _claim(self) -> list[store.Claimed]:
+    def _claim(self) -> tuple[list[store.Claimed], int]:
+        """Leased dispatches to deliver now, and the most rows one of the two claims took."""
         now = self.now()
         with self.pool.connection() as conn:
-            fresh, empty = store.take_outbox(conn, self.routing, now, self.lease)
+            fresh, empty, taken = store.take_outbox(conn, self.routing, now, self.lease, CLAIM_BATCH)
             if empty:
                 log.warning("alerts reached no configured channel", extra={"outbox_ids": empty})
-            return fresh + store.claim_due(conn, now, self.lease)
+            due = store.claim_due(conn, now, self.lease, CLAIM_BATCH)
+            return fresh + due, max(taken, len(due))
 
     def _documents(self, alert_ids: set[UUID]) -> dict[UUID, dict[str, Any]]:
         with self.pool.connection() as conn:
@@ -228,7 +242,7 @@ class Dispatcher:
     # ---- delivering -------------------------------------------------------------------------
 
     async def _deliver(self, claimed: store.Claimed, document: dict[str, Any] | None) -> None:
-        async with self._slots:
+        async with self._slots[claimed.channel]:
             started = self.now()
             outcome = await self._send(claimed, document)
             try:

@@ -146,7 +146,7 @@ class WebhookAdapter:
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(
             http2=True,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=30.0),
             follow_redirects=False,
             trust_env=False,  # a hotline is reached directly; a proxy from the environment is a surprise
         )

@@ -56,12 +56,13 @@ _ACTIVE = ("open", "dispatched", "escalated")
 
 def take_outbox(
     conn: psycopg.Connection[Any], routing: Routing, now: datetime, lease: timedelta, limit: int = 100
-) -> tuple[list[Claimed], list[int]]:
+) -> tuple[list[Claimed], list[int], int]:
     """Turn pending outbox rows into dispatches of their route's first step, leased to us.
 
-    Returns the claimed dispatches (attempt 1 each, to deliver now) and the outbox ids that
-    asked for nobody (their route's channels are not configured here). A step with a deadline
-    gets its escalation timer in the same transaction.
+    Returns the claimed dispatches (attempt 1 each, to deliver now), the outbox ids that
+    asked for nobody (their route's channels are not configured here) and how many rows were
+    taken (``limit``: there may be more). A step with a deadline gets its escalation timer in
+    the same transaction.
     """
     claimed: list[Claimed] = []
     empty: list[int] = []
@@ -84,7 +85,7 @@ def take_outbox(
                 "UPDATE alert_outbox SET claimed_at = %s, done_at = %s WHERE id = ANY(%s)",
                 (now, now, [r[0] for r in rows]),
             )
-    return claimed, empty
+    return claimed, empty, len(rows)
 
 
 def _open_step(
