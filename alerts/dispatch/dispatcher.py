@@ -97,7 +97,11 @@ class Dispatcher:
         self.routing = Routing(rules.routes, frozenset(channels.by_name), channels.notify_only)
         # Route steps' deadlines are durable timers: any dispatcher alive escalates them.
         self.timers = TimerRunner(
-            conninfo, {store.ESCALATION_TIMER: self._escalate_at_deadline}, clock, name=f"{name}-escalation"
+            conninfo,
+            {store.ESCALATION_TIMER: self._escalate_at_deadline},
+            clock,
+            max_sleep=SWEEP_S,  # a deadline is looked for every second, as dispatches are
+            name=f"{name}-escalation",
         )
 
     def now(self) -> datetime:
