@@ -133,6 +133,7 @@ def alerts_show(
         data["history"] = [[_plain(v) for v in h] for h in detail.history]
         data["outbox"] = [[_plain(v) for v in o] for o in detail.outbox]
         data["tasks"] = [[_plain(v) for v in t] for t in detail.tasks]
+        data["dispatches"] = [[_plain(v) for v in d] for d in detail.dispatches]
         print(json.dumps(data, ensure_ascii=False, indent=2))
         return
     out.print(f"[bold]{a.title_zh} / {a.title_en}[/]  ({a.rule}, {a.severity}, {a.state})")
@@ -159,6 +160,23 @@ def alerts_show(
         for n, reason, severity, route, at in detail.outbox:
             dispatches.add_row(str(n), reason, severity, route, _when(at))
         out.print(dispatches)
+    if detail.dispatches:
+        trail = Table(
+            "channel",
+            "step",
+            "state",
+            "ack",
+            "tries",
+            "delivered (UTC)",
+            "acked (UTC)",
+            title="who was called",
+        )
+        for channel, step, state, ack, tries, _created, delivered, acked, notice in detail.dispatches:
+            what = f"{channel} ({notice} notice)" if notice else channel
+            delivered_at = _when(delivered) if delivered else "-"
+            acked_at = _when(acked) if acked else "-"
+            trail.add_row(what, str(step + 1), state, ack or "-", str(tries), delivered_at, acked_at)
+        out.print(trail)
     if detail.tasks:
         tasks = Table("task", "kind", "assignee", "state", "due (UTC)", title="tasks")
         for n, kind, assignee, state, due in detail.tasks:

@@ -728,6 +728,9 @@ class AlertDetail:
     history: list[tuple[datetime, str, str | None, str, str | None, str, str]]
     outbox: list[tuple[int, str, str, str, datetime]]
     tasks: list[tuple[int, str, str, str, datetime]]
+    #: The dispatch trail: (channel, step, state, ack status, attempts, created, delivered,
+    #: acknowledged, notice), in the order they were opened.
+    dispatches: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 def get_alert(conn: psycopg.Connection[Any], alert_id: UUID) -> AlertDetail:
@@ -750,7 +753,14 @@ def get_alert(conn: psycopg.Connection[Any], alert_id: UUID) -> AlertDetail:
     tasks = conn.execute(
         "SELECT id, kind, assignee, state, due_at FROM tasks WHERE source_alert = %s ORDER BY id", (alert_id,)
     ).fetchall()
-    return AlertDetail(AlertRow(*row[:15]), row[15], row[16], row[17], row[18], history, outbox, tasks)
+    dispatches = conn.execute(
+        "SELECT channel, step, state, ack_status, attempts, created_at, delivered_at, acked_at, notice"
+        " FROM dispatches WHERE alert_id = %s ORDER BY created_at, step, channel",
+        (alert_id,),
+    ).fetchall()
+    return AlertDetail(
+        AlertRow(*row[:15]), row[15], row[16], row[17], row[18], history, outbox, tasks, dispatches
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -9,12 +10,15 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
+from eldercare.alerts.dispatch.channels import channels_from
+from eldercare.alerts.dispatch.dispatcher import Dispatcher
 from eldercare.alerts.rules import load_rule_set
 from eldercare.devices.records import DeviceEvent, Interpretation
 from eldercare.gateway.cli import app
 from eldercare.gateway.ingest.alerting import AlertingStep
 from eldercare.gateway.store.devices import add_device
 from eldercare.gateway.store.writer import BatchWriter, Received
+from eldercare.simulators.hotlines import HotlineSimulator
 
 runner = CliRunner()
 NOW = datetime(2026, 11, 23, 2, 0, tzinfo=UTC)
@@ -95,3 +99,37 @@ def test_tasks_list_and_done(cli_env: str) -> None:
         json.loads(x) for x in runner.invoke(app, ["tasks", "list", "--done", "--json"]).stdout.splitlines()
     ]
     assert finished["id"] == task_id and finished["state"] == "done"
+
+
+def test_alerts_show_tells_who_was_called_and_what_came_of_it(cli_env: str) -> None:
+    """The rules raise an SOS (12349 first), a dispatcher calls the simulated 12349."""
+    raise_by_events(cli_env, "sos_pressed")
+    [alert] = [
+        json.loads(line) for line in runner.invoke(app, ["alerts", "list", "--json"]).stdout.splitlines()
+    ]
+    with HotlineSimulator(ack_delay_s=600.0) as sim:
+        entry = {"kind": "webhook", "url": sim.url("12349"), "secret": sim.secret("12349"), "timeout": 1.0}
+        dispatcher = Dispatcher(
+            cli_env,
+            channels_from({"channels": {"12349": entry}}, environ={}),
+            load_rule_set(),
+            ack_base_url="http://x",
+        )
+
+        async def until_delivered() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(dispatcher.run(stop))
+            try:
+                async with asyncio.timeout(15):
+                    while not sim.received("12349"):
+                        await asyncio.sleep(0.02)
+                    await dispatcher.idle()
+            finally:
+                stop.set()
+                await task
+
+        asyncio.run(until_delivered())
+    detail = json.loads(runner.invoke(app, ["alerts", "show", alert["id"], "--json"]).stdout)
+    assert [d[:5] for d in detail["dispatches"]] == [["12349", 0, "delivered", None, 1]]
+    text = runner.invoke(app, ["alerts", "show", alert["id"]]).stdout
+    assert "who was called" in text and "12349" in text and "delivered" in text
