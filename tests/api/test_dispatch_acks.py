@@ -20,7 +20,7 @@ from eldercare.api.app import create_app
 from eldercare.gateway.broker import free_port
 from eldercare.gateway.settings import Settings
 from eldercare.simulators.hotlines import HotlineSimulator
-from tests.alerts.dispatch.outbox import Clock, raise_alert, rows
+from tests.alerts.dispatch.outbox import Clock, dispatch_id, raise_alert, rows
 from tests.waiting import wait_for
 
 RULES = load_rule_set()
@@ -112,13 +112,6 @@ def dispatch_until(
     asyncio.run(go())
 
 
-def dispatch_id(db_url: str, alert_id: Any, channel: str) -> str:
-    [(found,)] = rows(
-        db_url, "SELECT id FROM dispatches WHERE alert_id = %s AND channel = %s", alert_id, channel
-    )
-    return str(found)
-
-
 def test_120s_acknowledgement_wins_and_the_emergency_never_escalates(
     db_url: str, simulator: HotlineSimulator, api: Api
 ) -> None:
@@ -159,7 +152,7 @@ def test_acks_are_forward_only_idempotent_and_only_for_the_channels_own_dispatch
         api,
         lambda: rows(db_url, "SELECT count(*) FROM dispatches WHERE state = 'delivered'") == [(2,)],
     )
-    d120 = dispatch_id(db_url, alert_id, "120")
+    d120 = str(dispatch_id(db_url, alert_id, "120"))
     key = {"Authorization": f"Bearer {simulator.api_key('120')}"}
     with httpx.Client(base_url=api.url) as http:
         missing = http.post(f"/api/v1/dispatches/{d120}/ack", json={"status": "accepted"})

@@ -8,10 +8,28 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ELDERCARE = str(Path(sys.executable).with_name("eldercare"))
+
+
+def quick_bench(
+    name: str, tmp_path: Path, admin_url: str, *extra: str, timeout: float = 240
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run ``eldercare bench NAME --quick`` on its own database; its output and JSON figures."""
+    out = tmp_path / f"{name}.json"
+    done = subprocess.run(
+        [ELDERCARE, "bench", name, "--quick", *extra, "--admin-url", admin_url, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done, json.loads(out.read_text())
+
 
 needs_mosquitto = pytest.mark.skipif(
     not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()),
@@ -55,28 +73,9 @@ def test_a_bench_rejects_an_option_out_of_its_range(args: tuple[str, ...], optio
 @pytest.mark.slow
 @needs_mosquitto
 def test_quick_benchmark_stores_everything_once_and_reports_rates(tmp_path: Path, pg_admin_url: str) -> None:
-    out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [
-            ELDERCARE,
-            "bench",
-            "ingest",
-            "--quick",
-            "--variant",
-            "telemetry",
-            "--admin-url",
-            pg_admin_url,
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "COLUMNS": "120"},
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done, result = quick_bench("ingest", tmp_path, pg_admin_url, "--variant", "telemetry")
     assert "bare drain" in done.stdout and "worker drain" in done.stdout
-    [variant] = json.loads(out.read_text())["variants"]
+    [variant] = result["variants"]
     assert variant["receipts_found"] == variant["receipts_expected"] > 0
     assert variant["observations_found"] == variant["observations_expected"] > 0
     assert variant["sustained_rate"] > 0 and variant["drain_ratio"] > 0
@@ -185,17 +184,8 @@ def test_help_lists_every_option(command: str, options: tuple[str, ...]) -> None
 def test_quick_rules_benchmark_compares_rules_off_and_on_and_times_sos_presses(
     tmp_path: Path, pg_admin_url: str
 ) -> None:
-    out = tmp_path / "rules.json"
-    done = subprocess.run(
-        [ELDERCARE, "bench", "rules", "--quick", "--admin-url", pg_admin_url, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "160"},
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done, result = quick_bench("rules", tmp_path, pg_admin_url, timeout=300)
     assert "rules on / off, drain" in done.stdout and "SOS" in done.stdout
-    result = json.loads(out.read_text())
     off, on = result["runs"]
     assert (off["setting"], on["setting"]) == ("off", "default")
     for run in (off, on):

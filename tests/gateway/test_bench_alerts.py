@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.gateway.test_bench import ELDERCARE, needs_mosquitto
+from tests.gateway.test_bench import ELDERCARE, needs_mosquitto, quick_bench
 
 ALERTS_OPTIONS = (
     "--quick",
@@ -53,17 +52,8 @@ def test_a_negative_press_count_is_refused() -> None:
 def test_quick_alerts_benchmark_follows_each_press_to_its_first_hotline_and_counts_deliveries(
     tmp_path: Path, pg_admin_url: str
 ) -> None:
-    out = tmp_path / "alerts.json"
-    done = subprocess.run(
-        [ELDERCARE, "bench", "alerts", "--quick", "--admin-url", pg_admin_url, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "COLUMNS": "160"},
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done, result = quick_bench("alerts", tmp_path, pg_admin_url)
     assert "work folder" in done.stdout and "first request at 120" in done.stdout
-    result = json.loads(out.read_text())
     [background] = result["latency"]
     sos, hypo = background["kinds"]
     # The SOS rule's route asks the 12349 operator first; the emergency-band reading, 120.

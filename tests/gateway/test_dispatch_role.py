@@ -18,7 +18,7 @@ from eldercare.alerts.dispatch.dispatcher import Dispatcher
 from eldercare.alerts.rules import load_rule_set
 from eldercare.gateway.broker import free_port
 from eldercare.simulators.hotlines import HotlineSimulator
-from tests.alerts.dispatch.outbox import Clock, raise_alert, rows
+from tests.alerts.dispatch.outbox import Clock, dispatch_id, raise_alert, rows
 from tests.waiting import wait_for
 
 
@@ -47,16 +47,21 @@ def serve(
     )
 
 
+def hotline_12349(sim: HotlineSimulator, *more: str) -> str:
+    """A channels file with the simulated 12349, its secret from SECRET_12349."""
+    lines = [
+        "[channels.12349]",
+        'kind = "webhook"',
+        f'url = "{sim.url("12349")}"',
+        'secret_env = "SECRET_12349"',
+    ]
+    return "\n".join([*lines, *more]) + "\n"
+
+
 def test_the_dispatch_and_api_roles_deliver_what_the_rules_raise_take_the_ack_and_stop_cleanly(
     db_url: str, simulator: HotlineSimulator, tmp_path: Path
 ) -> None:
-    channels = f"""
-[channels.12349]
-kind = "webhook"
-url = "{simulator.url("12349")}"
-secret_env = "SECRET_12349"
-api_key_env = "KEY_12349"
-"""
+    channels = hotline_12349(simulator, 'api_key_env = "KEY_12349"')
     simulator.set_acks("12349", delay_s=0.1, statuses=["accepted"])
     port = str(free_port())
     secrets = {"SECRET_12349": simulator.secret("12349"), "KEY_12349": simulator.api_key("12349")}
@@ -101,13 +106,7 @@ def test_a_dispatcher_killed_between_claim_and_outcome_loses_nothing(
     db_url: str, simulator: HotlineSimulator, tmp_path: Path
 ) -> None:
     """kill -9 mid-delivery: the lease runs out, another dispatcher delivers, same id."""
-    channels = f"""
-[channels.12349]
-kind = "webhook"
-url = "{simulator.url("12349")}"
-secret_env = "SECRET_12349"
-timeout = 2.0
-"""
+    channels = hotline_12349(simulator, "timeout = 2.0")
     simulator.set_mode("12349", "slow", delay_s=1.5)  # the attempt is in flight when we kill
     before = len(simulator.received("12349"))
     proc = serve(db_url, tmp_path, channels, SECRET_12349=simulator.secret("12349"))
@@ -160,9 +159,7 @@ timeout = 2.0
 
     asyncio.run(deliver())
     got = simulator.received("12349")[before:]
-    assert got and {r.webhook_id for r in got} == {
-        str(rows(db_url, "SELECT id FROM dispatches WHERE alert_id = %s", alert_id)[0][0])
-    }
+    assert got and {r.webhook_id for r in got} == {str(dispatch_id(db_url, alert_id, "12349"))}
     assert any(r.answer == 202 for r in got)
     assert rows(db_url, "SELECT number, outcome, dispatcher FROM dispatch_attempts") == [
         (2, "delivered", "survivor")

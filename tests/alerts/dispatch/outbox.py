@@ -86,3 +86,14 @@ class Clock:
 
     def __call__(self) -> float:
         return time.time() + self.ahead
+
+
+def dispatch_id(db_url: str, alert_id: Any, channel: str) -> uuid.UUID:
+    """The id of the alert's dispatch to ``channel`` (not a notice about one)."""
+    [(found,)] = rows(
+        db_url,
+        "SELECT id FROM dispatches WHERE alert_id = %s AND channel = %s AND notice IS NULL",
+        alert_id,
+        channel,
+    )
+    return found

@@ -21,7 +21,7 @@ from eldercare.gateway.store import dispatches as store
 from eldercare.gateway.store.alerts import resolve
 from eldercare.simulators.alarm_centre import AlarmCentreSimulator, channel_secret
 from eldercare.simulators.hotlines import HotlineSimulator
-from tests.alerts.dispatch.outbox import Clock, raise_alert, rows
+from tests.alerts.dispatch.outbox import Clock, dispatch_id, raise_alert, rows
 
 RULES = load_rule_set()
 
@@ -290,9 +290,7 @@ def test_the_first_acknowledgement_wins_and_the_others_are_told_superseded(
             clock.ahead = 61.0  # 120 does not answer: 12349 is called
             while len(simulator.received("12349")) == before["12349"]:
                 await asyncio.sleep(0.02)
-            [(d12349,)] = rows(
-                db_url, "SELECT id FROM dispatches WHERE alert_id = %s AND channel = '12349'", alert_id
-            )
+            d12349 = dispatch_id(db_url, alert_id, "12349")
             with psycopg.connect(db_url) as conn:
                 done = store.acknowledge(conn, d12349, "12349", AckStatus.accepted, d.routing, d.now())
             assert done is not None and done.alert_acknowledged and len(done.superseded) == 1
@@ -300,11 +298,7 @@ def test_the_first_acknowledgement_wins_and_the_others_are_told_superseded(
                 await asyncio.sleep(0.02)
 
     asyncio.run(scenario())
-    [(d120,)] = rows(
-        db_url,
-        "SELECT id FROM dispatches WHERE alert_id = %s AND channel = '120' AND notice IS NULL",
-        alert_id,
-    )
+    d120 = dispatch_id(db_url, alert_id, "120")
     [notice] = notices(simulator, "120", before["120"])
     assert notice["notice"] == "superseded" and notice["superseded_dispatch_id"] == str(d120)
     assert notice["alert"]["id"] == str(alert_id) and "elder" not in notice
@@ -373,9 +367,7 @@ def test_12349_down_an_sos_goes_to_120_after_60_s_and_12349_is_told_once_back(
             clock.ahead = 61.0
             while len(simulator.received("120")) == before["120"]:
                 await asyncio.sleep(0.02)
-            [(d120,)] = rows(
-                db_url, "SELECT id FROM dispatches WHERE alert_id = %s AND channel = '120'", alert_id
-            )
+            d120 = dispatch_id(db_url, alert_id, "120")
             with psycopg.connect(db_url) as conn:
                 store.acknowledge(conn, d120, "120", AckStatus.accepted, d.routing, d.now())
             simulator.set_mode("12349", "ok")  # back after the outage
@@ -384,11 +376,7 @@ def test_12349_down_an_sos_goes_to_120_after_60_s_and_12349_is_told_once_back(
                 await asyncio.sleep(0.02)
 
     asyncio.run(scenario())
-    [(d12349,)] = rows(
-        db_url,
-        "SELECT id FROM dispatches WHERE alert_id = %s AND channel = '12349' AND notice IS NULL",
-        alert_id,
-    )
+    d12349 = dispatch_id(db_url, alert_id, "12349")
     got = simulator.received("12349")[before["12349"] :]
     # While down it got nothing; back, it gets the notice, not the stale call-out.
     assert [r.document["notice"] for r in got if r.document] == ["superseded"]
