@@ -15,6 +15,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -52,24 +53,31 @@ def pg_admin_url(pg_service: PostgresService) -> str:
     return pg_service.admin_url
 
 
-@pytest.fixture(scope="session")
-def template_db(pg_admin_url: str) -> Iterator[str]:
-    """Name of a database migrated once per session, cloned by ``db_url``; dropped at the end."""
+@contextmanager
+def migrated_template(admin_url: str, name: str, flavour: str | None = None) -> Iterator[str]:
+    """A database migrated once (``flavour``: None for the server's choice), closed to
+    connections so that it can be cloned; dropped at the end."""
     from eldercare.gateway.store.migrate import migrate
 
-    name = f"eldercare_tpl_{SESSION_TAG}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+    with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     try:
-        migrate(database_url(pg_admin_url, name))
-        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        migrate(database_url(admin_url, name), flavour=flavour)  # type: ignore[arg-type]
+        with psycopg.connect(admin_url, autocommit=True) as admin:
             # A clone fails while anyone is connected to its template: close the door.
             admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
             _terminate_connections(admin, name)
         yield name
     finally:
-        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
             _drop_database(admin, name)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_admin_url: str) -> Iterator[str]:
+    """Name of a database migrated once per session, cloned by ``db_url``; dropped at the end."""
+    with migrated_template(pg_admin_url, f"eldercare_tpl_{SESSION_TAG}") as name:
+        yield name
 
 
 class DatabaseClones:

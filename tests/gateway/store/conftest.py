@@ -16,7 +16,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from eldercare.gateway.services import database_url
 from eldercare.gateway.store.migrate import migrate, probe_timescale
+from tests.conftest import SESSION_TAG, DatabaseClones, migrated_template
 
 TIMESCALE_ADMIN_URL = os.environ.get("ELDERCARE_TEST_TIMESCALE_URL", "")
 TIMESCALE_SKIP_REASON = (
@@ -45,9 +47,37 @@ def fresh_db(pg_admin_url: str) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def plain_clones(pg_admin_url: str) -> Iterator[DatabaseClones]:
+    """Maker of plain-PostgreSQL stores: clones of a template migrated once as 'plain' (a
+    clone takes ~0.2 s, a migration ~1.3 s)."""
+    with migrated_template(pg_admin_url, f"eldercare_tpl_plain_{SESSION_TAG}", "plain") as name:
+        clones = DatabaseClones(pg_admin_url, name)
+        try:
+            yield clones
+        finally:
+            clones.close()
+
+
+@contextmanager
+def _plain_store(admin_url: str, clones: DatabaseClones) -> Iterator[str]:
+    name = clones.take()
+    try:
+        yield database_url(admin_url, name)
+    finally:
+        clones.drop(name)
+
+
 @pytest.fixture
-def plain_db(fresh_db: str) -> str:
-    """Conninfo of a new database migrated as a plain-PostgreSQL store."""
+def plain_db(pg_admin_url: str, plain_clones: DatabaseClones) -> Iterator[str]:
+    """Conninfo of a new database migrated as a plain-PostgreSQL store (dropped after)."""
+    with _plain_store(pg_admin_url, plain_clones) as url:
+        yield url
+
+
+@pytest.fixture
+def freshly_migrated_db(fresh_db: str) -> str:
+    """Conninfo of a new database migrated as 'plain' by this test itself (tests of migrate)."""
     migrate(fresh_db, flavour="plain")
     return fresh_db
 
@@ -58,8 +88,7 @@ def store_db(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     if request.param == "plain":
         # Asked for here, not as a parameter: the TimescaleDB case needs no plain server.
         admin_url = request.getfixturevalue("pg_admin_url")
-        with _database(admin_url) as url:
-            migrate(url, flavour="plain")
+        with _plain_store(admin_url, request.getfixturevalue("plain_clones")) as url:
             yield "plain", url
         return
     if not TIMESCALE_ADMIN_URL:

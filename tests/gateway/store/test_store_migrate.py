@@ -162,10 +162,10 @@ def test_status_lists_pending_then_applied_migrations(fresh_db: str) -> None:
     assert all(isinstance(at, datetime) for _, _, at in rows)
 
 
-def test_migrate_mirrors_the_metric_catalog(plain_db: str) -> None:
+def test_migrate_mirrors_the_metric_catalog(freshly_migrated_db: str) -> None:
     catalog = pytest.importorskip("eldercare.devices.catalog")
     expected = {m.name: m for m in catalog.load_catalog().metrics.values()}
-    with psycopg.connect(plain_db) as conn:
+    with psycopg.connect(freshly_migrated_db) as conn:
         rows = conn.execute("SELECT metric, unit, loinc, range_low, range_high FROM metrics").fetchall()
     assert {r[0] for r in rows} == set(expected)
     for metric, unit, loinc, low, high in rows:
@@ -173,9 +173,9 @@ def test_migrate_mirrors_the_metric_catalog(plain_db: str) -> None:
         assert (unit, loinc, low, high) == (m.unit, m.loinc, m.low, m.high)
 
 
-def test_migrate_creates_the_partitions_of_the_current_weeks(plain_db: str) -> None:
+def test_migrate_creates_the_partitions_of_the_current_weeks(freshly_migrated_db: str) -> None:
     this_week = partition_name("observations", week_start(datetime.now(UTC)))
-    with psycopg.connect(plain_db) as conn:
+    with psycopg.connect(freshly_migrated_db) as conn:
         names = {
             r[0]
             for r in conn.execute(
