@@ -48,7 +48,8 @@ out = Console()
 
 rules_app = typer.Typer(help="Check rule files; show the rules in force for an elder.", no_args_is_help=True)
 elders_app = typer.Typer(
-    help="Register elders (pseudonymous ids only) and set their care plans.", no_args_is_help=True
+    help="Register elders (pseudonymous ids only), set their care plans and personal profiles.",
+    no_args_is_help=True,
 )
 
 # Options shared by `elders add` and `elders set-care-plan`.
@@ -350,7 +351,8 @@ def elders_add(
     from_file: FromFile = None,
     by: UpdatedBy = None,
 ) -> None:
-    """Register an elder with a care plan (no personal data: that is kept apart)."""
+    """Register an elder with a care plan (no personal data: that is kept apart, set it with
+    `elders set-profile`)."""
     from eldercare.gateway.store.elders import add_elder, check_elder_id, set_care_plan
 
     try:
@@ -417,12 +419,23 @@ def elders_set_care_plan(
 def elders_show(
     elder_id: str,
     as_json: Annotated[bool, typer.Option("--json", help="as JSON")] = False,
+    personal: Annotated[
+        bool,
+        typer.Option(
+            "--personal",
+            help="also the personal profile (name, phone, address, medications, contacts ...);"
+            " left out unless asked for",
+        ),
+    ] = False,
 ) -> None:
-    """Show an elder's care plan."""
+    """Show an elder's care plan (and, with --personal, the personal profile)."""
+    from eldercare.gateway.profile_commands import profile_lines
     from eldercare.gateway.store.elders import get_elder
+    from eldercare.gateway.store.profiles import get_profile
 
     with _connect() as conn:
         row = get_elder(conn, elder_id)
+        profile = get_profile(conn, elder_id) if personal and row is not None else None
     if row is None:
         raise fail(f"no elder {elder_id}")
     updated = row.updated_at.isoformat(timespec="seconds") if row.updated_at else None
@@ -434,23 +447,28 @@ def elders_show(
             "updated_by": row.updated_by,
             "devices": row.devices,
         }
+        if personal:
+            data["profile"] = profile.as_data() if profile else None
         typer.echo(json.dumps(data, ensure_ascii=False, indent=2))
         return
     typer.echo(f"elder {row.elder_id} ({row.devices} device(s))")
     if row.plan is None:
         typer.echo("no care plan: the rule set's defaults apply")
-        return
-    plan = row.plan
-    typer.echo(f"conditions: {', '.join(sorted(plan.conditions)) or 'none'}")
-    typer.echo(f"time zone: {plan.timezone}")
-    typer.echo(f"lives alone: {'yes' if plan.lives_alone else 'no'}")
-    typer.echo(f"SpO2 scale: {plan.spo2_scale or 'by conditions'}")
-    for rule_id, fields in sorted(plan.overrides.items()):
-        typer.echo(f"override {rule_id}: {json.dumps(thaw(fields), ensure_ascii=False)}")
-    typer.echo(f"disabled: {', '.join(sorted(plan.disabled)) or 'none'}")
-    for route, instead in sorted(plan.routes.items()):
-        typer.echo(f"route {route}: {instead}")
-    typer.echo(f"updated {updated} by {row.updated_by}")
+    else:
+        plan = row.plan
+        typer.echo(f"conditions: {', '.join(sorted(plan.conditions)) or 'none'}")
+        typer.echo(f"time zone: {plan.timezone}")
+        typer.echo(f"lives alone: {'yes' if plan.lives_alone else 'no'}")
+        typer.echo(f"SpO2 scale: {plan.spo2_scale or 'by conditions'}")
+        for rule_id, fields in sorted(plan.overrides.items()):
+            typer.echo(f"override {rule_id}: {json.dumps(thaw(fields), ensure_ascii=False)}")
+        typer.echo(f"disabled: {', '.join(sorted(plan.disabled)) or 'none'}")
+        for route, instead in sorted(plan.routes.items()):
+            typer.echo(f"route {route}: {instead}")
+        typer.echo(f"updated {updated} by {row.updated_by}")
+    if personal:
+        for line in profile_lines(profile):
+            typer.echo(line)
 
 
 def checkup_time(text: str | None, zone: ZoneInfo, now: datetime) -> datetime:

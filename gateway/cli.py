@@ -17,6 +17,7 @@ from rich.table import Table
 from eldercare.gateway.alert_commands import alerts_app, tasks_app
 from eldercare.gateway.bench.options import BenchOptions, Protocol
 from eldercare.gateway.care_commands import elders_app, rules_app
+from eldercare.gateway.profile_commands import elders_set_profile
 from eldercare.gateway.settings import SETTINGS_HELP, Settings, SettingsError, load_settings
 from eldercare.gateway.simulate_commands import simulate_app
 
@@ -39,6 +40,7 @@ app.add_typer(devices_app, name="devices")
 app.add_typer(bench_app, name="bench")
 app.add_typer(rules_app, name="rules", epilog=EPILOG)
 app.add_typer(elders_app, name="elders", epilog=EPILOG)
+elders_app.command("set-profile")(elders_set_profile)
 app.add_typer(alerts_app, name="alerts", epilog=EPILOG)
 app.add_typer(tasks_app, name="tasks", epilog=EPILOG)
 app.add_typer(simulate_app, name="simulate")

@@ -8,10 +8,11 @@ dispatchers never claim one dispatch at once (``FOR UPDATE SKIP LOCKED`` and the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeGuard
 from uuid import UUID
 
 import psycopg
@@ -230,8 +231,9 @@ def next_due(conn: psycopg.Connection[Any]) -> datetime | None:
 _DOCUMENT_SQL = """
 SELECT a.id, a.rule, a.severity, a.title_zh, a.title_en, a.raised_at, a.late, a.late_by_s,
        a.evidence, a.device_id, a.elder_id, d.type,
-       p.name, p.sex, p.birth_year, p.phone, p.address,
-       coalesce(cp.plan -> 'conditions', '[]'::jsonb),
+       p.name, p.sex, p.birth_year, p.phone, p.address, p.latitude, p.longitude,
+       coalesce(cp.plan -> 'conditions', '[]'::jsonb), p.medications, p.allergies,
+       p.emergency_contacts, p.family_doctor,
        (SELECT coalesce(jsonb_object_agg(v.metric, jsonb_build_object(
                  'value', v.value, 'at', v.time)), '{}'::jsonb)
           FROM (SELECT DISTINCT ON (o.metric) o.metric, o.value, o.time
@@ -254,8 +256,17 @@ def documents(
     """The spec's request body of each alert, before the per-dispatch fields and minimisation
     (``units``: each metric's canonical unit, from the device catalog).
 
-    Personal data (name, phone, address) comes from ``elder_profiles``, which only the
-    dispatcher and authorised roles read; it goes to the channels allowed it, never to a log.
+    Personal data (name, phone, address, home, medications, allergies, emergency contacts,
+    family doctor) comes from ``elder_profiles``, which only the dispatcher and authorised
+    roles read; it goes to the channels allowed it, never to a log. Lists are empty and
+    ``family_doctor`` is None when nothing is known (or there is no profile).
+
+    ``elder.location`` is where the device said it was at the event that raised the alert (its
+    latest upgrade's event if one carried a position), with the fix's ``accuracy_m`` when the
+    device gave one: the wristband's position at a fall beats the home address. The alert's
+    evidence keeps the event's details as they came (``alerts/engine.py``), so this costs no
+    look-up in ``device_events``. Otherwise the home position from the profile; otherwise None.
+    ``source`` says which ("device" or "home").
     """
     if not alert_ids:
         return {}
@@ -265,7 +276,8 @@ def documents(
     out: dict[UUID, dict[str, Any]] = {}
     for (
         alert_id, rule, severity, title_zh, title_en, raised_at, late, late_by_s, evidence,
-        device_id, elder_id, device_type, name, sex, birth_year, phone, address, conditions, vitals,
+        device_id, elder_id, device_type, name, sex, birth_year, phone, address, home_lat, home_lon,
+        conditions, medications, allergies, contacts, family_doctor, vitals,
     ) in rows:  # fmt: skip
         alert = {
             "id": str(alert_id),
@@ -278,6 +290,9 @@ def documents(
         }
         if late and late_by_s is not None:
             alert["late_by_s"] = late_by_s
+        location = event_location(evidence)
+        if location is None and home_lat is not None and home_lon is not None:
+            location = {"lat": home_lat, "lon": home_lon, "source": "home"}
         out[alert_id] = {
             "alert": alert,
             "elder": {
@@ -287,12 +302,50 @@ def documents(
                 "birth_year": birth_year,
                 "phone": phone,
                 "address": address,
+                "location": location,
                 "conditions": list(conditions),
+                "medications": list(medications or ()),
+                "allergies": list(allergies or ()),
+                "emergency_contacts": list(contacts or ()),
+                "family_doctor": family_doctor,
             },
             "latest_vitals": {m: {**v, "unit": units.get(m, "")} for m, v in vitals.items()},
             "device": {"id": device_id, "type": device_type} if device_id else None,
         }
     return out
+
+
+def event_location(evidence: Any) -> dict[str, Any] | None:
+    """The position the alert's event carried (``details.location`` of its evidence; the latest
+    upgrade's first), or None when there is none usable.
+
+    Devices' positions are not checked at ingest (``location`` is a detail of the event): a
+    value that is not a WGS 84 position is passed over here, never sent.
+    """
+    if not isinstance(evidence, Mapping):
+        return None
+    for part in (evidence.get("upgraded"), evidence):
+        details = part.get("details") if isinstance(part, Mapping) else None
+        given = details.get("location") if isinstance(details, Mapping) else None
+        if not isinstance(given, Mapping):
+            continue
+        lat, lon = given.get("lat"), given.get("lon")
+        if _degrees(lat, 90) and _degrees(lon, 180):
+            location: dict[str, Any] = {"lat": lat, "lon": lon}
+            accuracy = given.get("accuracy_m")
+            if _number(accuracy) and accuracy >= 0:
+                location["accuracy_m"] = accuracy
+            location["source"] = "device"
+            return location
+    return None
+
+
+def _number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _degrees(value: object, limit: float) -> bool:
+    return _number(value) and -limit <= value <= limit
 
 
 def record_outcome(
@@ -557,6 +610,7 @@ __all__ = [
     "dispatch_status",
     "documents",
     "escalate",
+    "event_location",
     "next_due",
     "record_outcome",
     "supersede",
