@@ -24,7 +24,7 @@ from math import inf
 from typing import Any
 from uuid import UUID, uuid4
 
-from eldercare.alerts import news2
+from eldercare.alerts import news2, news2_marks
 from eldercare.alerts.careplan import CarePlan
 from eldercare.alerts.decisions import (
     CONDITION_ON_STATES,
@@ -35,6 +35,7 @@ from eldercare.alerts.decisions import (
     timer_kind,
 )
 from eldercare.alerts.lifecycle import ElderAlerts, apply_match, clear_condition
+from eldercare.alerts.news2_marks import Marks
 from eldercare.alerts.rules import EventRule, RuleSet, Severity, ThresholdRule
 from eldercare.alerts.windows import Point, run_ending_at
 from eldercare.devices.records import LATE, DeviceEvent, Reading
@@ -175,6 +176,11 @@ class Scan:
     series: dict[tuple[str, str], _SeriesNeed] = field(default_factory=dict)
     latest: dict[tuple[str, str], _SeriesNeed] = field(default_factory=dict)  # NEWS2's
     event_spans: dict[tuple[str, str], tuple[datetime, datetime]] = field(default_factory=dict)
+    #: Threshold rules a reading of the batch breaches, by (elder, metric): the batch's other
+    #: readings of that metric may clear what the breach opens.
+    breached: dict[tuple[str, str], list[ThresholdRule]] = field(default_factory=dict)
+    #: The readings taken, by id(): none is taken twice.
+    taken: set[int] = field(default_factory=set)
 
     def __bool__(self) -> bool:
         return bool(self.elders)
@@ -254,16 +260,25 @@ def _widen(spans: dict[Any, tuple[datetime, datetime]], key: Any, start: datetim
 
 
 def scan(
-    readings: Iterable[Reading], events: Iterable[DeviceEvent], contexts: Mapping[str, ElderContext]
+    readings: Sequence[Reading],
+    events: Iterable[DeviceEvent],
+    contexts: Mapping[str, ElderContext],
+    news2_marks: Mapping[str, Marks] | None = None,
 ) -> Scan:
     """The batch's candidates: breaching readings, readings that may clear an alert, NEWS2
-    readings that score, events some rule listens to; and the history each needs."""
+    readings that score, events some rule listens to; and the history each needs.
+
+    ``news2_marks`` (``news2_marks.py``: the elders' rows, this batch's marks included): a
+    NEWS2 reading whose bound stays below the rule's lowest threshold asks for nothing."""
     out = Scan()
+    marks = news2_marks or {}
     for r in readings:
         ctx = contexts.get(r.elder_id) if r.elder_id else None
         if ctx is None:
             continue
-        _scan_reading(out, ctx, r)
+        _scan_reading(out, ctx, r, marks.get(ctx.elder_id))
+    if out.breached:
+        _scan_clearing(out, readings, contexts)
     for ev in events:
         ctx = contexts.get(ev.elder_id) if ev.elder_id else None
         if ctx is None or not ctx.rules.listening_to(ev.kind):
@@ -273,7 +288,7 @@ def scan(
     return out
 
 
-def _scan_reading(out: Scan, ctx: ElderContext, r: Reading) -> None:
+def _scan_reading(out: Scan, ctx: ElderContext, r: Reading, marks: Marks | None = None) -> None:
     band = ctx.quiet.get(r.metric)
     if band is None:
         return  # no rule reads this metric (steps, room temperature ...)
@@ -285,6 +300,9 @@ def _scan_reading(out: Scan, ctx: ElderContext, r: Reading) -> None:
         active = ctx.alerts.active.get(rule.id)
         if rule.breaches(r.metric, r.value):
             wanted = True
+            breached = out.breached.setdefault((ctx.elder_id, r.metric), [])
+            if rule not in breached:
+                breached.append(rule)
             if active is None and rule.window:
                 out.need_series(ctx.elder_id, r.metric, r.time, rule.window, breach_bands(rule, r.metric))
         elif active is not None and active.state in CONDITION_ON_STATES:
@@ -294,8 +312,18 @@ def _scan_reading(out: Scan, ctx: ElderContext, r: Reading) -> None:
                 bands = (clear_band(rule, r.metric, margin),)
                 out.need_series(ctx.elder_id, r.metric, r.time, rule.window, bands)
     news2_rule = rules.news2
-    if news2_rule is not None and r.metric in NEWS2_METRICS and _news2_scores(ctx, r):
-        # The aggregate can only rise on a reading that scores: judge NEWS2 at its time.
+    if (
+        news2_rule is not None
+        and r.metric in NEWS2_METRICS
+        and _news2_scores(ctx, r)
+        and (
+            marks is None
+            or ctx.plan.on_oxygen
+            or news2_marks.bound(marks, r.time, news2_rule.max_age) >= news2_rule.urgent_from
+        )
+    ):
+        # The aggregate can only rise on a reading that scores: judge NEWS2 at its time
+        # (unless the marks show it stays below every threshold).
         wanted = True
         scan_elder = out.elders.setdefault(ctx.elder_id, ElderScan())
         scan_elder.news2_at.append(r.time)
@@ -303,6 +331,26 @@ def _scan_reading(out: Scan, ctx: ElderContext, r: Reading) -> None:
             out.need_latest(ctx.elder_id, metric, r.time, news2_rule.max_age)
     if wanted:
         out.elders.setdefault(ctx.elder_id, ElderScan()).readings.append(r)
+        out.taken.add(id(r))
+
+
+def _scan_clearing(out: Scan, readings: Sequence[Reading], contexts: Mapping[str, ElderContext]) -> None:
+    """Take the readings that may clear an alert a reading of the same batch opens (a buffered
+    upload of a whole episode, or two messages in one batch): the decisions run in time order,
+    so a clearing reading after the breach clears it."""
+    for r in readings:
+        rules = out.breached.get((r.elder_id, r.metric)) if r.elder_id else None
+        ctx = contexts.get(r.elder_id) if rules and r.elder_id else None
+        if rules is None or ctx is None:
+            continue
+        for rule in rules:
+            margin = ctx.rules.hysteresis_margin(rule.id)
+            if _clears(rule, r.metric, r.value, margin):
+                bands = (clear_band(rule, r.metric, margin),)
+                out.need_series(ctx.elder_id, r.metric, r.time, rule.window, bands)
+                if id(r) not in out.taken:
+                    out.taken.add(id(r))
+                    out.elders.setdefault(ctx.elder_id, ElderScan()).readings.append(r)
 
 
 def breach_bands(rule: ThresholdRule, metric: str) -> tuple[Band, ...]:

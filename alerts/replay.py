@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from eldercare.alerts import engine
+from eldercare.alerts import engine, news2_marks
 from eldercare.alerts.careplan import CarePlan, effective_rules
 from eldercare.alerts.decisions import (
     ACTIVE_STATES,
@@ -73,9 +73,13 @@ class _Timer:
 class Replay:
     """One population's rules, data and alerts in memory; ``feed`` and ``advance`` drive it."""
 
-    def __init__(self, rule_set: RuleSet, plans: Mapping[str, CarePlan] | None = None) -> None:
+    def __init__(
+        self, rule_set: RuleSet, plans: Mapping[str, CarePlan] | None = None, *, news2_marks: bool = True
+    ) -> None:
         self.rule_set = rule_set
         self.plans = dict(plans or {})
+        #: The elders' NEWS2 marks, kept as the store keeps them (None: the scan gets none).
+        self.news2_marks: dict[str, list[datetime | None]] | None = {} if news2_marks else None
         self.readings: list[Reading] = []
         self.events: list[DeviceEvent] = []
         self.alerts: dict[UUID, ReplayAlert] = {}
@@ -92,7 +96,12 @@ class Replay:
         self.readings.extend(readings)
         self.events.extend(events)
         elder_ids = {r.elder_id for r in readings if r.elder_id} | {e.elder_id for e in events if e.elder_id}
-        found = engine.scan(readings, events, self._contexts(elder_ids, now))
+        marks = None
+        if self.news2_marks is not None:
+            for elder_id, row in news2_marks.marks_of(readings).items():
+                self.news2_marks[elder_id] = news2_marks.merge(self.news2_marks.get(elder_id), row)
+            marks = self.news2_marks
+        found = engine.scan(readings, events, self._contexts(elder_ids, now), marks)
         if not found:
             return []
         contexts = self._contexts(set(found.elders), now)

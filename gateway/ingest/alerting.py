@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 
-from eldercare.alerts import engine
+from eldercare.alerts import engine, news2_marks
 from eldercare.alerts.decisions import timer_kind
 from eldercare.alerts.engine import ElderContext
 from eldercare.alerts.lifecycle import ElderAlerts
@@ -86,6 +86,8 @@ class AlertingStep:
         self.elders = ElderRules(rule_set)
         self.clock = clock
         self._cooldown = _longest_cooldown(rule_set)
+        #: Whether any elder's rules may have NEWS2 (a care plan may tune it, not add it).
+        self._news2 = rule_set.news2 is not None
 
     def read_ahead(
         self, cur: psycopg.Cursor[Any], elder_ids: Collection[str]
@@ -106,7 +108,10 @@ class AlertingStep:
         else:
             version, alerted = store.elders_at_a_glance(cur, elder_ids)
         cached = self.elders.load(cur, elder_ids, self.elders.stamps_at(cur, version))
-        found = engine.scan(stored.readings, stored.events, _scan_contexts(cached, alerted))
+        marks = None
+        if self._news2:  # a NEWS2 reading that cannot reach a threshold needs no look-up
+            marks = store.mark_news2(cur, news2_marks.marks_of(stored.readings))
+        found = engine.scan(stored.readings, stored.events, _scan_contexts(cached, alerted), marks)
         if not found:
             return None
         # The rare path: something may raise, upgrade or clear. Decide under the elders' locks,
@@ -127,6 +132,8 @@ class RuleTimers:
     def __init__(self, rule_set: RuleSet) -> None:
         self.elders = ElderRules(rule_set)
         self._cooldown = _longest_cooldown(rule_set)
+        #: Whether any elder's rules may have NEWS2 (a care plan may tune it, not add it).
+        self._news2 = rule_set.news2 is not None
         self.kinds = tuple(timer_kind(r.id) for r in rule_set.events if isinstance(r, EventRule) and r.unless)
 
     def handlers(self) -> dict[str, Callable[[psycopg.Cursor[Any], Timer, datetime], None]]:

@@ -14,7 +14,7 @@ which the active alerts are read again. The unique index ``alerts_one_active`` b
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from math import inf, isfinite
@@ -269,6 +269,32 @@ class DecisionState:
     active: dict[str, dict[str, ActiveAlert]]
     resolved: dict[str, dict[str, tuple[datetime, Severity]]]
     history: History
+
+
+_MARK_NEWS2_SQL = """
+INSERT INTO news2_marks AS n (elder_id, marks)
+SELECT elder_id, marks FROM json_to_recordset(%s::json) AS x(elder_id text, marks timestamptz[])
+ORDER BY elder_id
+ON CONFLICT (elder_id) DO UPDATE SET
+    marks = ARRAY(SELECT greatest(a, b) FROM unnest(n.marks, excluded.marks) WITH ORDINALITY AS u(a, b, i)
+                  ORDER BY i),
+    updated_at = now()
+RETURNING elder_id, marks
+"""
+
+
+def mark_news2(
+    cur: psycopg.Cursor[Any], marks: Mapping[str, Sequence[datetime | None]]
+) -> dict[str, list[datetime | None]]:
+    """Add the batch's NEWS2 marks to the elders' rows; the rows as they now stand.
+
+    One statement; the rows are locked in elder order until the batch commits, so a batch
+    that marks one of these elders too waits, then reads these marks (news2_marks.py)."""
+    if not marks:
+        return {}
+    doc = [{"elder_id": e, "marks": list(m)} for e, m in marks.items()]  # orjson writes RFC 3339
+    cur.execute(_MARK_NEWS2_SQL, (orjson.dumps(doc).decode(),))
+    return {elder_id: list(row) for elder_id, row in cur.fetchall()}
 
 
 def lock_and_read(

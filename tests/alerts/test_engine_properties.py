@@ -72,3 +72,47 @@ def test_a_sustained_window_opens_at_any_cadence(every_s: int, case: tuple[str, 
     else:
         first_spanning = START + timedelta(seconds=every_s * -(-window.total_seconds() // every_s))
         assert opened_at == first_spanning
+
+
+NEWS2_RANGES = {
+    "spo2": (80, 99),
+    "heart_rate": (35, 150),
+    "systolic_bp": (80, 230),
+    "respiration_rate": (6, 30),
+    "body_temperature": (34.5, 40.0),
+}
+news2_timelines = st.lists(
+    st.tuples(
+        st.sampled_from(sorted(NEWS2_RANGES)),
+        st.floats(0, 1),
+        st.integers(-600, 400),  # seconds after the previous reading (< 0: a late one)
+        st.booleans(),  # the next reading comes in the same batch
+    ),
+    min_size=1,
+    max_size=50,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(news2_timelines, st.sampled_from([None, {"conditions": ["copd"]}, {"on_oxygen": True}]))
+def test_news2_marks_never_change_a_decision(
+    series: list[tuple[str, float, int, bool]], plan: dict[str, object] | None
+) -> None:
+    """Bounding NEWS2 with the marks only skips look-ups whose judgement would raise nothing."""
+    from eldercare.alerts.careplan import CarePlan
+
+    plans = {} if plan is None else {"e-1": CarePlan.model_validate(plan)}
+    with_marks, without = Replay(RULES, plans), Replay(RULES, plans, news2_marks=False)
+    at = now = START
+    batch: list[Reading] = []
+    for metric, x, gap, more in series:
+        at += timedelta(seconds=gap)
+        now = max(now, at) + timedelta(seconds=1)
+        low, high = NEWS2_RANGES[metric]
+        batch.append(Reading(at, "w-1", "e-1", metric, round(low + x * (high - low), 1), []))
+        if not more:
+            assert with_marks.feed(batch, [], now) == without.feed(batch, [], now)
+            batch = []
+    if batch:
+        assert with_marks.feed(batch, [], now) == without.feed(batch, [], now)
+    assert with_marks.alerts == without.alerts
