@@ -25,6 +25,7 @@ import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 
+from eldercare.alerts import news2_marks
 from eldercare.alerts.decisions import (
     ACTIVE_STATES,
     RULES_ACTOR,
@@ -271,16 +272,20 @@ class DecisionState:
     history: History
 
 
-_MARK_NEWS2_SQL = """
-INSERT INTO news2_marks AS n (elder_id, marks)
-SELECT elder_id, marks FROM json_to_recordset(%s::json) AS x(elder_id text, marks timestamptz[])
-ORDER BY elder_id
-ON CONFLICT (elder_id) DO UPDATE SET
-    marks = ARRAY(SELECT greatest(a, b) FROM unnest(n.marks, excluded.marks) WITH ORDINALITY AS u(a, b, i)
-                  ORDER BY i),
-    updated_at = now()
-RETURNING elder_id, marks
-"""
+_MARK_COLUMNS = [f"{metric}_{k}" for metric in news2_marks.MARKED for k in (1, 2, 3)]
+_MARK_NEWS2_SQL = "".join(
+    (
+        "INSERT INTO news2_marks AS n (elder_id, {columns})",
+        " SELECT elder_id, {columns} FROM json_to_recordset(%s::json) AS x(elder_id text, {typed})",
+        " ORDER BY elder_id",
+        " ON CONFLICT (elder_id) DO UPDATE SET {merged}",
+        " RETURNING elder_id, {columns}",
+    )
+).format(
+    columns=", ".join(_MARK_COLUMNS),
+    typed=", ".join(f"{c} timestamptz" for c in _MARK_COLUMNS),
+    merged=", ".join(f"{c} = greatest(n.{c}, excluded.{c})" for c in _MARK_COLUMNS),
+)
 
 
 def mark_news2(
@@ -292,9 +297,9 @@ def mark_news2(
     that marks one of these elders too waits, then reads these marks (news2_marks.py)."""
     if not marks:
         return {}
-    doc = [{"elder_id": e, "marks": list(m)} for e, m in marks.items()]  # orjson writes RFC 3339
-    cur.execute(_MARK_NEWS2_SQL, (orjson.dumps(doc).decode(),))
-    return {elder_id: list(row) for elder_id, row in cur.fetchall()}
+    doc = [dict(zip(_MARK_COLUMNS, m, strict=True), elder_id=e) for e, m in marks.items()]
+    cur.execute(_MARK_NEWS2_SQL, (orjson.dumps(doc).decode(),))  # orjson writes RFC 3339
+    return {row[0]: list(row[1:]) for row in cur.fetchall()}
 
 
 def lock_and_read(
