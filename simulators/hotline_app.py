@@ -2,7 +2,8 @@
 
 The signature and the replay window are checked by the ``standardwebhooks`` library, the one
 a real hotline would use, never by the gateway's own signing code: a mismatch between the two
-shows up as a 401. ``hotlines.py`` serves these apps over HTTP and sends the acknowledgements.
+shows up as a 401. ``hotlines.py`` serves these apps over HTTP and sends the acknowledgements;
+an app also runs on any ASGI server by itself (the HTTP/2 tests serve one with hypercorn).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Received:
     signatures: int  # how many signatures webhook-signature carried
     user_agent: str | None
     client_port: int | None  # the sender's port: the same for attempts over one kept connection
+    http_version: str | None  # as the server's ASGI scope says: "1.1", "2"
     answer: int  # the HTTP status answered
     reference: str | None
     duplicate: bool
@@ -169,7 +171,13 @@ class Hotline:
             "acks_failed": sum(a.answer is None or not 200 <= a.answer < 300 for a in acks),
         }
 
-    async def handle(self, raw: bytes, headers: Mapping[str, str], client_port: int | None) -> Answer:
+    async def handle(
+        self,
+        raw: bytes,
+        headers: Mapping[str, str],
+        client_port: int | None,
+        http_version: str | None = None,
+    ) -> Answer:
         """Answer one webhook request as the behaviour says, and keep it."""
         behaviour = self._take()
         if behaviour.mode == "slow":
@@ -183,6 +191,7 @@ class Hotline:
             signatures=len(headers.get("webhook-signature", "").split()),
             user_agent=headers.get("user-agent"),
             client_port=client_port,
+            http_version=http_version,
         )
         if behaviour.mode == "down":  # a request that came in as the hotline went down
             return self._refuse(seen, 503, "down")
@@ -269,6 +278,7 @@ class _Seen:
     signatures: int
     user_agent: str | None
     client_port: int | None
+    http_version: str | None
 
     def received(
         self,
@@ -287,6 +297,7 @@ class _Seen:
             signatures=self.signatures,
             user_agent=self.user_agent,
             client_port=self.client_port,
+            http_version=self.http_version,
             answer=answer,
             reference=reference,
             duplicate=duplicate,
@@ -320,7 +331,12 @@ def hotline_app(hotline: Hotline, accepted: Callable[[AckPlan], None]) -> FastAP
     @app.post(PATH)
     async def dispatch(request: Request) -> Response:
         raw = await request.body()
-        answer = await hotline.handle(raw, request.headers, request.client.port if request.client else None)
+        answer = await hotline.handle(
+            raw,
+            request.headers,
+            request.client.port if request.client else None,
+            request.scope.get("http_version"),
+        )
         if answer.ack is not None:
             accepted(answer.ack)
         return Response(

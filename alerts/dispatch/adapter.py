@@ -30,6 +30,9 @@ class Channel:
     account: str = ""  # SIA DC-09 account number (the elder's premises at the receiver)
     receiver: str = ""  # SIA DC-09 receiver number ("R..."), line prefix ("L...")
     prefix: str = ""
+    #: https:// webhooks: a PEM bundle of the CAs this channel's certificate comes from (a
+    #: private or government CA), trusted instead of the public ones; "" = the public CAs.
+    ca_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,9 @@ kind = "webhook"
 url = "https://dispatch.example-120.cn/eldercare"
 secret = "whsec_..."          # or secret_env = "ELDERCARE_SECRET_120"
 api_key_env = "ELDERCARE_ACK_KEY_120"
-timeout = "5s"
+timeout = 5.0                 # seconds
 fields = []                   # empty: everything (120 gets the whole body)
+ca_file = "ca/120-root.pem"   # its certificate's private CA (PEM), trusted instead of the public ones
 
 [channels.family]
 kind = "sms_gateway"
@@ -18,13 +19,16 @@ acknowledges = false          # told, but its ack does not stop escalation
 
 Secrets and API keys are best given through the environment (``secret_env``, ``api_key_env``)
 so the file itself holds none. A route's channel that no file configures is skipped and said
-once in the log.
+once in the log. ``ca_file`` (https:// channels only) is for hotlines whose certificate comes
+from a private or government CA: a relative path is taken from the channels file's folder, and
+the bundle must load at start-up. Only its CAs are trusted for that channel.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,6 +65,7 @@ class _ChannelEntry(BaseModel):
     account: str = ""
     receiver: str = ""
     prefix: str = ""
+    ca_file: str = ""
 
     @model_validator(mode="after")
     def _one_source(self) -> _ChannelEntry:
@@ -68,6 +73,8 @@ class _ChannelEntry(BaseModel):
             raise ValueError("give secret or secret_env, not both")
         if self.api_key and self.api_key_env:
             raise ValueError("give api_key or api_key_env, not both")
+        if self.ca_file and not self.url.startswith("https://"):
+            raise ValueError("ca_file is for https:// channels only")
         return self
 
 
@@ -94,8 +101,22 @@ class Channels:
         return found
 
 
-def channels_from(data: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Channels:
-    """Channels from parsed TOML (ChannelsError says which channel and field is wrong)."""
+def ca_context(ca_file: str) -> ssl.SSLContext:
+    """A TLS client context that trusts the CAs of this PEM bundle, and them only.
+
+    Raises OSError when the file cannot be read and ssl.SSLError when it holds no certificate.
+    """
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def channels_from(
+    data: Mapping[str, object], environ: Mapping[str, str] | None = None, *, base: Path | None = None
+) -> Channels:
+    """Channels from parsed TOML (ChannelsError says which channel and field is wrong).
+
+    ``base``: the folder a relative ``ca_file`` is taken from (the channels file's; the working
+    directory when None).
+    """
     env = os.environ if environ is None else environ
     try:
         parsed = _ChannelsFile.model_validate(data)
@@ -109,6 +130,7 @@ def channels_from(data: Mapping[str, object], environ: Mapping[str, str] | None 
     for name, entry in parsed.channels.items():
         secret = _from_env(env, entry.secret_env, f"channels.{name}.secret_env") or entry.secret
         keys[name] = _from_env(env, entry.api_key_env, f"channels.{name}.api_key_env") or entry.api_key
+        ca_file = _ca_file(entry.ca_file, base, f"channels.{name}.ca_file")
         by_name[name] = Channel(
             name=name,
             kind=entry.kind,
@@ -119,6 +141,7 @@ def channels_from(data: Mapping[str, object], environ: Mapping[str, str] | None 
             account=entry.account,
             receiver=entry.receiver,
             prefix=entry.prefix,
+            ca_file=ca_file,
         )
         acknowledges = entry.acknowledges
         if acknowledges is None:
@@ -135,7 +158,7 @@ def load_channels(path: Path, environ: Mapping[str, str] | None = None) -> Chann
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ChannelsError(f"{path}: {exc}") from None
     try:
-        return channels_from(data, environ)
+        return channels_from(data, environ, base=path.parent)
     except ChannelsError as exc:
         raise ChannelsError(f"{path}: {exc}") from None
 
@@ -147,3 +170,20 @@ def _from_env(env: Mapping[str, str], name: str, where: str) -> str:
     if not value:
         raise ChannelsError(f"{where}: the environment has no {name}")
     return value
+
+
+def _ca_file(given: str, base: Path | None, where: str) -> str:
+    """The absolute path of a channel's CA bundle, once it has loaded ("" when none is given)."""
+    if not given:
+        return ""
+    path = Path(given).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    path = path.absolute()
+    try:
+        ca_context(str(path))
+    except ssl.SSLError:  # an OSError too: first
+        raise ChannelsError(f"{where}: {path} is not a bundle of PEM certificates") from None
+    except OSError as exc:
+        raise ChannelsError(f"{where}: cannot read {path}: {exc.strerror or exc}") from None
+    return str(path)

@@ -3,12 +3,18 @@
 The kinds "webhook", "sms_gateway", "task_queue" and "nurse_station" all use it: they differ
 only in the fields they receive (``payload.py``) and the URL they point at. One shared
 ``httpx.AsyncClient`` keeps connections alive between attempts and speaks HTTP/2 where a
-hotline offers it (over TLS, by ALPN; plain http:// stays HTTP/1.1).
+hotline offers it (over TLS, by ALPN; plain http:// stays HTTP/1.1). A channel whose
+certificate comes from a CA of its own (``ca_file``) is reached through a client that trusts
+that CA only, one such client per CA file, pooled the same way.
 
 Outcomes, as hotline-dispatch.md says: 2xx -> Delivered (with the hotline's
 ``{"reference": ...}`` when the body has one); 408, 429, 5xx, a timeout or a connection that
 fails -> Retryable (with ``Retry-After``); any other status -> Permanent. A channel that cannot
-be sent to as configured (no or a bad secret, a URL that is not http(s)) is Permanent too.
+be sent to as configured (no or a bad secret, a URL that is not http(s), a CA file that no
+longer loads) is Permanent too, and so is a certificate we do not trust ("certificate not
+trusted"): like a wrong URL it is a configuration to put right (the channel's ``ca_file``, or
+the hotline's certificate), not something a retry a few seconds later mends, so the route
+escalates at once instead of at its deadline. Other TLS failures are Retryable ("tls error").
 Reasons are short and fixed ("http 503", "read timeout"): never a body, a URL or an exception's
 text, which could carry personal data. No retries here: the dispatcher decides.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import ssl
 import time
 from collections.abc import Callable
 from datetime import UTC
@@ -27,7 +34,8 @@ import httpx
 import orjson
 
 from eldercare.alerts.dispatch import payload
-from eldercare.alerts.dispatch.adapter import Attempt, Delivered, Outcome, Permanent, Retryable
+from eldercare.alerts.dispatch.adapter import Attempt, Channel, Delivered, Outcome, Permanent, Retryable
+from eldercare.alerts.dispatch.channels import ca_context
 from eldercare.alerts.dispatch.signing import SecretError, sign
 
 #: The kinds of channel this adapter serves.
@@ -45,6 +53,10 @@ RETRYABLE_STATUS = frozenset({408, 429})
 #: read timeout starts again at every chunk, so a hotline that dribbles its answer a few bytes
 #: at a time would otherwise hold an attempt, and the dispatcher waiting on it, for ever.
 ATTEMPT_DEADLINE_FACTOR = 3
+
+#: Each client's pool: connections kept alive between attempts (an HTTP/2 hotline takes the
+#: dispatcher's concurrent attempts to it as streams of one connection).
+LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=30.0)
 
 
 def user_agent() -> str:
@@ -107,6 +119,20 @@ def reference_of(content: bytes) -> str | None:
     return str(reference)[:MAX_REFERENCE] or None
 
 
+def pooled_client(verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
+    """A client as the adapter makes them: HTTP/2 where offered, keep-alive, no redirects, no proxy.
+
+    ``verify``: the TLS trust (True: the public CAs; a channel's ``ca_context``).
+    """
+    return httpx.AsyncClient(
+        http2=True,
+        verify=verify,
+        limits=LIMITS,
+        follow_redirects=False,
+        trust_env=False,  # a hotline is reached directly; a proxy from the environment is a surprise
+    )
+
+
 def judge(response: httpx.Response, now: float, latency_s: float) -> Outcome:
     """What a hotline's answer means for the dispatch (hotline-dispatch.md, "Response and retries").
 
@@ -131,10 +157,12 @@ def judge(response: httpx.Response, now: float, latency_s: float) -> Outcome:
 class WebhookAdapter:
     """Sends attempts as signed webhooks (Standard Webhooks v1) over one pooled HTTP client.
 
-    ``client``: the shared client, made here (HTTP/2 where offered, keep-alive) when not
-    given; the adapter closes only a client it made. ``monotonic`` measures latency. Our
-    "now", where one is needed (an HTTP-date Retry-After without a Date header), is the
-    attempt's timestamp plus the latency: the dispatcher's injected clock, no second one.
+    ``client``: the shared client, made here (``pooled_client``) when not given; the adapter
+    closes only a client it made. Channels with a ``ca_file`` go through clients of the
+    adapter's own, one per CA file, made at their first attempt and closed with the adapter.
+    ``monotonic`` measures latency. Our "now", where one is needed (an HTTP-date Retry-After
+    without a Date header), is the attempt's timestamp plus the latency: the dispatcher's
+    injected clock, no second one.
     """
 
     def __init__(
@@ -144,12 +172,8 @@ class WebhookAdapter:
         monotonic: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(
-            http2=True,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100, keepalive_expiry=30.0),
-            follow_redirects=False,
-            trust_env=False,  # a hotline is reached directly; a proxy from the environment is a surprise
-        )
+        self._client = client or pooled_client()
+        self._ca_clients: dict[str, httpx.AsyncClient] = {}  # ca_file -> the client trusting it
         self._monotonic = monotonic
         self._user_agent = user_agent()
 
@@ -161,6 +185,10 @@ class WebhookAdapter:
             signature = sign(channel.secret, attempt.dispatch_id, attempt.timestamp, content)
         except SecretError:
             return Permanent("bad channel secret")
+        try:
+            client = self._client_for(channel)
+        except OSError:  # ssl.SSLError included: the CA file was moved or changed since start-up
+            return Permanent("bad channel ca file")
         headers = {
             "Content-Type": "application/json; charset=utf-8",
             "User-Agent": self._user_agent,
@@ -175,17 +203,18 @@ class WebhookAdapter:
         started = self._monotonic()
         try:
             async with asyncio.timeout(ATTEMPT_DEADLINE_FACTOR * channel.timeout_s):
-                response = await self._client.post(
-                    channel.url, content=content, headers=headers, timeout=timeout
-                )
+                response = await client.post(channel.url, content=content, headers=headers, timeout=timeout)
         except httpx.TimeoutException as exc:
             return Retryable(_timeout_reason(exc), latency_s=self._monotonic() - started)
         except TimeoutError:
             return Retryable("attempt deadline", latency_s=self._monotonic() - started)
         except (httpx.UnsupportedProtocol, httpx.InvalidURL):
             return Permanent("bad channel url", latency_s=self._monotonic() - started)
-        except httpx.ConnectError:
-            return Retryable("connect error", latency_s=self._monotonic() - started)
+        except httpx.ConnectError as exc:
+            if _caused_by(exc, ssl.SSLCertVerificationError):
+                return Permanent("certificate not trusted", latency_s=self._monotonic() - started)
+            reason = "tls error" if _caused_by(exc, ssl.SSLError) else "connect error"
+            return Retryable(reason, latency_s=self._monotonic() - started)
         except httpx.RemoteProtocolError:
             return Retryable("connection closed", latency_s=self._monotonic() - started)
         except httpx.TransportError:
@@ -194,9 +223,32 @@ class WebhookAdapter:
         return judge(response, attempt.timestamp + latency, latency)
 
     async def aclose(self) -> None:
-        """Close the pooled connections (only when the adapter made the client)."""
+        """Close the pooled connections (the shared client's only when the adapter made it)."""
+        clients, self._ca_clients = list(self._ca_clients.values()), {}
         if self._owns_client:
-            await self._client.aclose()
+            clients.append(self._client)
+        await asyncio.gather(*(client.aclose() for client in clients))
+
+    def _client_for(self, channel: Channel) -> httpx.AsyncClient:
+        """The shared client, or the one trusting the channel's own CA (made at its first use)."""
+        if not channel.ca_file:
+            return self._client
+        client = self._ca_clients.get(channel.ca_file)
+        if client is None:
+            client = self._ca_clients[channel.ca_file] = pooled_client(ca_context(channel.ca_file))
+        return client
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``kind`` is in the exception's chain (httpx wraps httpcore's, which wraps ssl's)."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is a few links long; never follow a cycle for ever
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _timeout_reason(exc: httpx.TimeoutException) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import trustme
 
 from eldercare.alerts.dispatch.channels import ChannelsError, channels_from, load_channels
 
@@ -77,3 +78,33 @@ def test_an_unreadable_file_names_itself(tmp_path: Path) -> None:
     path.write_text("[channels.120\n", encoding="utf-8")
     with pytest.raises(ChannelsError, match=r"channels\.toml"):
         load_channels(path, {})
+
+
+def test_a_relative_ca_file_is_taken_from_the_channels_files_folder(tmp_path: Path) -> None:
+    (tmp_path / "ca").mkdir()
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca" / "120-root.pem"))
+    path = tmp_path / "channels.toml"
+    path.write_text(
+        EXAMPLE.replace("timeout = 3.0", 'timeout = 3.0\nca_file = "ca/120-root.pem"'), encoding="utf-8"
+    )
+    channels = load_channels(path, {"SECRET_120": "whsec_MTIw", "KEY_120": "k-120"})
+    assert channels.by_name["120"].ca_file == str(tmp_path / "ca" / "120-root.pem")
+    assert channels.by_name["family"].ca_file == ""  # the public CAs
+
+
+@pytest.mark.parametrize(
+    ("url", "ca_file", "message"),
+    [
+        ("https://h.example.cn/", "missing.pem", "cannot read .*missing.pem"),
+        ("https://h.example.cn/", "not-pem.pem", "not-pem.pem is not a bundle of PEM certificates"),
+        ("http://h.example.cn/", "ca.pem", "ca_file is for https:// channels only"),
+    ],
+)
+def test_a_ca_file_that_cannot_serve_is_refused_at_start_up(
+    tmp_path: Path, url: str, ca_file: str, message: str
+) -> None:
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    (tmp_path / "not-pem.pem").write_text("-----BEGIN CERTIFICATE-----\nnot one\n", encoding="utf-8")
+    entry = {"kind": "webhook", "url": url, "ca_file": ca_file}
+    with pytest.raises(ChannelsError, match=f"channels.120.*{message}"):
+        channels_from({"channels": {"120": entry}}, environ={}, base=tmp_path)

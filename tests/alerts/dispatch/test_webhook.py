@@ -123,8 +123,9 @@ def test_consecutive_attempts_share_one_kept_alive_connection(simulator: Hotline
 
     run(all_three)
     ids = {one.dispatch_id for one in sent}
-    ports = {r.client_port for r in simulator.received("12320") if r.webhook_id in ids}
-    assert len(ports) == 1
+    got = [r for r in simulator.received("12320") if r.webhook_id in ids]
+    assert len({r.client_port for r in got}) == 1
+    assert {r.http_version for r in got} == {"1.1"}  # plain http://: no HTTP/2 (that needs TLS)
 
 
 def test_500_is_retryable_with_its_status(simulator: HotlineSimulator) -> None:
