@@ -12,7 +12,8 @@ window), deduplicates on ``webhook-id``, keeps everything it received, answers
 ``202 {"reference": "<hotline>-<n>"}`` and, ``ack_delay_s`` later, acknowledges to the body's
 ``ack_url`` with ``Authorization: Bearer <its API key>``: each of ``ack_statuses`` in turn,
 ``ack_delay_s`` apart. A failed acknowledgement is kept and tried again (``ACK_TRIES`` in all).
-Failure modes: see ``hotline_app.Mode``.
+Acknowledgements due together take turns, ``ACKS_IN_FLIGHT`` at a time, so hundreds due at
+once queue rather than time out. Failure modes: see ``hotline_app.Mode``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import orjson
 import uvicorn
 from fastapi import FastAPI, HTTPException, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from eldercare.alerts.dispatch.signing import new_secret
 from eldercare.simulators.hotline_app import (
@@ -56,6 +58,14 @@ HOTLINES: tuple[str, ...] = ("120", "12349", "12320", "sms", "family_doctor")
 
 #: Tries per acknowledgement: the first and two retries.
 ACK_TRIES = 3
+#: Acknowledgements being sent at once (a few keep an acknowledgement API busy; more would only
+#: wait there, their timeout running); the others wait for a turn here, with no clock running,
+#: and the client keeps this many connections alive. Queued in httpx's pool instead, as they
+#: were, hundreds due at once timed out waiting there (the pool wait counted in the timeout),
+#: were tried again and queued once more; and httpcore's pool looks through every queued request
+#: and connection each time one starts or ends, so the simulator's loop spent a core on it and
+#: its hotlines stopped answering in time.
+ACKS_IN_FLIGHT = 8
 #: How long starting or stopping one server may take.
 SERVER_DEADLINE_S = 10.0
 
@@ -136,6 +146,8 @@ class HotlineSimulator:
         self._thread: threading.Thread | None = None
         self._running: dict[str, _Running] = {}
         self._ack_tasks: set[asyncio.Task[None]] = set()
+        self._ack_turns: asyncio.Semaphore | None = None
+        self._stopping = False
         self._client: httpx.AsyncClient | None = None
 
     # --- the plain Python API ---------------------------------------------------------------
@@ -262,18 +274,38 @@ class HotlineSimulator:
         return self.state(target.name)
 
     async def _start_all(self) -> None:
-        self._client = httpx.AsyncClient(timeout=self._ack_timeout_s, trust_env=False)
+        self._ack_turns = asyncio.Semaphore(ACKS_IN_FLIGHT)
+        self._client = httpx.AsyncClient(
+            # The pool never makes a request wait (no more are sent at once than it has
+            # connections); its timeout stays as a bound all the same.
+            timeout=self._ack_timeout_s,
+            limits=httpx.Limits(max_connections=ACKS_IN_FLIGHT, max_keepalive_connections=ACKS_IN_FLIGHT),
+            trust_env=False,
+        )
         self._control_port = await self._start_server("_control", control_app(self), self._control_port)
         for name, hotline in self._hotlines.items():
             await self._start_server(name, hotline_app(hotline, self._acknowledge_later))
 
     async def _stop_all(self) -> None:
+        self._stopping = True
         await asyncio.gather(*(self._stop_server(name) for name in list(self._running)))
         for task in list(self._ack_tasks):
             task.cancel()
         await asyncio.gather(*self._ack_tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
+        # The requests still in hand (uvicorn's force_exit does not wait for them: a slow
+        # hotline's) end here, as asyncio.run would end them; left pending, they were destroyed
+        # with the closed loop later ("Task was destroyed but it is pending!", GeneratorExit).
+        this = asyncio.current_task()
+        left = [task for task in asyncio.all_tasks() if task is not this]
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        await loop.shutdown_asyncgens()
+        await loop.shutdown_default_executor()
+        self._stopping = False
 
     async def _start_server(self, key: str, app: FastAPI, port: int | None = None) -> int:
         """Serve ``app`` on its port (a free one the first time, unless given); the port."""
@@ -282,7 +314,11 @@ class HotlineSimulator:
         if key in self._ports:
             self._ports[key] = bound
         config = uvicorn.Config(
-            app, lifespan="off", log_config=None, access_log=False, timeout_graceful_shutdown=1
+            self._cut_short_quietly(app),
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=1,
         )
         server = uvicorn.Server(config)
         task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
@@ -315,6 +351,22 @@ class HotlineSimulator:
         except Exception:
             log.warning("server stopped uncleanly", extra={"server": key}, exc_info=True)
 
+    def _cut_short_quietly(self, app: FastAPI) -> ASGIApp:
+        """``app``, whose requests in hand when the simulator stops end without an error logged.
+
+        Their connections are cut by then, so there is no one to answer; uvicorn would log the
+        cancellation as the application's error.
+        """
+
+        async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                await app(scope, receive, send)
+            except asyncio.CancelledError:
+                if not self._stopping:
+                    raise
+
+        return serve
+
     def _acknowledge_later(self, plan: AckPlan) -> None:
         """Start the acknowledgements of an accepted dispatch (called in the loop)."""
         task = asyncio.get_running_loop().create_task(self._acknowledge(plan))
@@ -334,7 +386,7 @@ class HotlineSimulator:
 
     async def _post_ack(self, hotline: Hotline, plan: AckPlan, status: AckStatus) -> None:
         """POST one acknowledgement, trying again on no answer, 408, 429 or 5xx."""
-        assert self._client is not None
+        assert self._client is not None and self._ack_turns is not None
         body = {
             "status": status,
             "operator": f"sim-{plan.hotline}-operator",
@@ -346,7 +398,10 @@ class HotlineSimulator:
             answer: int | None = None
             error: str | None = None
             try:
-                response = await self._client.post(plan.ack_url, content=orjson.dumps(body), headers=headers)
+                async with self._ack_turns:  # a turn first; the timeout runs from the sending
+                    response = await self._client.post(
+                        plan.ack_url, content=orjson.dumps(body), headers=headers
+                    )
                 answer = response.status_code
             except Exception as exc:  # unreachable, a bad URL, ...: kept, never raised
                 error = type(exc).__name__
@@ -411,7 +466,10 @@ def _json(content: Any) -> Response:
 def _listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port (reusable address, so a hotline back up gets its port again)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP said, not left 0: asyncio sets TCP_NODELAY only on sockets that say it, and
+    # without it an answer on a kept-alive connection waited ~40 ms for the client's delayed
+    # ACK (Nagle): every attempt but a connection's first, and every poll of the control endpoint.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

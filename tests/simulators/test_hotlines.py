@@ -8,8 +8,10 @@ simply to be delivered. Acknowledgements go to a small real HTTP server that rec
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,7 +36,7 @@ from eldercare.alerts.dispatch.adapter import Attempt, Channel, Delivered, Outco
 from eldercare.alerts.dispatch.webhook import WebhookAdapter
 from eldercare.gateway.simulate_commands import ACK_STATUSES, read_secrets_file, write_secrets_file
 from eldercare.simulators.hotline_app import AckStatus
-from eldercare.simulators.hotlines import HotlineSimulator
+from eldercare.simulators.hotlines import ACK_TRIES, ACKS_IN_FLIGHT, HotlineSimulator
 from tests.waiting import never, wait_for
 
 
@@ -49,20 +52,35 @@ class AckEndpoint:
     """A tiny real HTTP server standing in for the gateway's acknowledgement API.
 
     It answers 503 to the first ``failing`` requests, then 204; every request is recorded.
+    ``service_s``: each request takes this long, one at a time (as a store that writes each
+    acknowledgement in a transaction of its own would). ``most_in_hand``: the most requests it
+    held at once.
     """
 
-    def __init__(self, failing: int = 0) -> None:
+    def __init__(self, failing: int = 0, service_s: float = 0.0) -> None:
         self.seen: list[AckSeen] = []
         self.failing = failing
+        self.most_in_hand = 0
         endpoint = self
+        in_hand = 0
+        counting, one_at_a_time = threading.Lock(), threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
+                nonlocal in_hand
+                with counting:
+                    in_hand += 1
+                    endpoint.most_in_hand = max(endpoint.most_in_hand, in_hand)
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
+                if service_s:
+                    with one_at_a_time:
+                        time.sleep(service_s)  # the simulated API's own pace, not a test wait
                 endpoint.seen.append(AckSeen(time.time(), self.path, self.headers.get("Authorization"), body))
                 failing = endpoint.failing > 0
                 endpoint.failing -= failing
+                with counting:
+                    in_hand -= 1  # before answering: the sender may send its next one once answered
                 self.send_response(503 if failing else 204)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -70,7 +88,7 @@ class AckEndpoint:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # quiet test output
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         # A short poll: shutdown() waits for serve_forever's next look (0.5 s by default).
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
         self._thread.start()
@@ -84,6 +102,10 @@ class AckEndpoint:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 512  # a listen backlog for hundreds knocking at once (the default is 5)
 
 
 @pytest.fixture
@@ -134,6 +156,27 @@ def deliver(sim: HotlineSimulator, hotline: str, dispatch_id: str, ack_url: str,
             await adapter.aclose()
 
     return asyncio.run(once())
+
+
+def deliver_all(sim: HotlineSimulator, hotline: str, dispatches: list[tuple[str, str]]) -> list[Outcome]:
+    """Send one attempt of each (dispatch id, ack URL), four at a time, with the gateway's adapter."""
+    chan = Channel(hotline, "webhook", sim.url(hotline), sim.secret(hotline), timeout_s=5.0)
+    now = int(time.time())
+
+    async def together() -> list[Outcome]:
+        adapter = WebhookAdapter()
+        turns = asyncio.Semaphore(4)
+
+        async def one(dispatch_id: str, ack_url: str) -> Outcome:
+            async with turns:
+                return await adapter.send(Attempt(dispatch_id, 1, chan, document(dispatch_id, ack_url), now))
+
+        try:
+            return await asyncio.gather(*(one(d, url) for d, url in dispatches))
+        finally:
+            await adapter.aclose()
+
+    return asyncio.run(together())
 
 
 def signed(secret: str, dispatch_id: str, body: bytes, at: float | None = None) -> dict[str, str]:
@@ -263,11 +306,48 @@ def test_a_failed_ack_is_recorded_and_tried_again(simulator: HotlineSimulator) -
     try:
         dispatch_id = new_id()
         deliver(simulator, "family_doctor", dispatch_id, endpoint.url(dispatch_id))
-        wait_for(lambda: len(endpoint.statuses(dispatch_id)) == 2, 5, "the acknowledgement and its retry")
-        tries = [
-            (a.try_number, a.answer) for a in simulator.acks("family_doctor") if a.dispatch_id == dispatch_id
-        ]
-        assert tries == [(1, 503), (2, 204)]
+
+        def tries() -> list[tuple[int, int | None]]:
+            return [
+                (a.try_number, a.answer)
+                for a in simulator.acks("family_doctor")
+                if a.dispatch_id == dispatch_id
+            ]
+
+        # The simulator records a try after its answer arrives, so wait on its record, not on the
+        # endpoint's (which sees the retry a moment before the simulator writes it down).
+        wait_for(lambda: len(tries()) == 2, 5, "the acknowledgement and its retry")
+        assert tries() == [(1, 503), (2, 204)]
+        assert len(endpoint.statuses(dispatch_id)) == 2
+    finally:
+        endpoint.close()
+
+
+def test_acks_due_together_take_turns_and_none_times_out_waiting() -> None:
+    """150 dispatches delivered, acknowledged ``ack_delay_s`` later to an API that takes one
+    acknowledgement at a time: they come due faster than it answers, queue in the simulator
+    (``ACKS_IN_FLIGHT`` at the API at once) and each is taken at the first try, none timing out
+    while it waits its turn."""
+    endpoint = AckEndpoint(service_s=0.006)  # ~0.9 s of the API's time for all of them
+    try:
+        # The timeout: what a few acks in flight take, far less than what all of them take.
+        with HotlineSimulator(["120"], ack_delay_s=0.6, ack_timeout_s=0.4) as sim:
+            ids = [new_id() for _ in range(150)]
+            outcomes = deliver_all(sim, "120", [(d, endpoint.url(d)) for d in ids])
+            assert all(isinstance(o, Delivered) for o in outcomes)
+
+            def settled() -> int:
+                tries = sim.acks("120")
+                taken = {a.dispatch_id for a in tries if a.answer == 204}
+                given_up = Counter(a.dispatch_id for a in tries if a.answer != 204)
+                return len(taken | {d for d, n in given_up.items() if n == ACK_TRIES})
+
+            wait_for(lambda: settled() == len(ids), 10, "every acknowledgement taken or given up")
+            tries = sim.acks("120")
+        assert sorted(a.dispatch_id for a in tries) == sorted(ids)  # one try each
+        assert {(a.try_number, a.answer, a.error) for a in tries} == {(1, 204, None)}
+        assert sorted(a.path for a in endpoint.seen) == sorted(f"/api/v1/dispatches/{d}/ack" for d in ids)
+        assert 1 < endpoint.most_in_hand <= ACKS_IN_FLIGHT
     finally:
         endpoint.close()
 
@@ -348,6 +428,20 @@ def test_the_control_endpoint_refuses_what_it_does_not_know(simulator: HotlineSi
     assert all("secret" not in state for state in every.values())
 
 
+def test_a_kept_alive_connection_is_answered_without_waiting_for_a_delayed_ack(
+    simulator: HotlineSimulator,
+) -> None:
+    """20 requests on one connection: ~2 ms each, not the ~44 ms of Nagle's algorithm meeting
+    the client's delayed ACK (which took them to 0.9 s)."""
+    with httpx.Client() as client:
+        client.get(f"{simulator.control_url}/120")  # the connection, opened
+        started = time.perf_counter()
+        for _ in range(20):
+            assert client.get(f"{simulator.control_url}/120").status_code == 200
+        took = time.perf_counter() - started
+    assert took < 0.5
+
+
 def test_a_hotline_down_refuses_connections_and_keeps_its_port_when_back(simulator: HotlineSimulator) -> None:
     url = simulator.url("12320")
     simulator.set_mode("12320", "down")
@@ -356,6 +450,17 @@ def test_a_hotline_down_refuses_connections_and_keeps_its_port_when_back(simulat
     simulator.set_mode("12320", "ok")
     assert simulator.url("12320") == url
     assert httpx.post(url, content=b"{}").status_code == 400  # listening again (and unsigned)
+
+
+def test_stopping_with_an_answer_in_hand_leaves_no_task_pending(caplog: pytest.LogCaptureFixture) -> None:
+    """A slow hotline still answering when the simulator stops: its request ends with the loop,
+    quietly, instead of being destroyed pending later ("Task was destroyed but it is pending!")."""
+    with HotlineSimulator(["120"]) as sim:
+        sim.set_mode("120", "slow", delay_s=5.0)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(sim.url("120"), content=b"{}", timeout=0.2)
+    gc.collect()  # a task left pending is reported when it is collected
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 # --- secrets and the command ---------------------------------------------------------------
