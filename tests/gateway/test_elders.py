@@ -140,7 +140,10 @@ def test_rules_show_a_deployments_file(env: str, tmp_path: Path, monkeypatch: py
 # --- eldercare elders ---------------------------------------------------------------------
 
 
-def test_elders_cli_round_trip(env: str, tmp_path: Path) -> None:
+def test_elders_cli_round_trip(env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from eldercare.gateway import care_commands
+
+    monkeypatch.setattr(care_commands.out, "width", 200)  # a pipe's 80 columns would cut the ids
     added = runner.invoke(
         app,
         ["elders", "add", "e-1001", "--condition", "copd", "--condition", "hypertension", "--lives-alone"],

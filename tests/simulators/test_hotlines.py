@@ -328,10 +328,11 @@ def test_acks_due_together_take_turns_and_none_times_out_waiting() -> None:
     acknowledgement at a time: they come due faster than it answers, queue in the simulator
     (``ACKS_IN_FLIGHT`` at the API at once) and each is taken at the first try, none timing out
     while it waits its turn."""
-    endpoint = AckEndpoint(service_s=0.006)  # ~0.9 s of the API's time for all of them
+    endpoint = AckEndpoint(service_s=0.02)  # ~3 s of the API's time for all of them
     try:
-        # The timeout: what a few acks in flight take, far less than what all of them take.
-        with HotlineSimulator(["120"], ack_delay_s=0.6, ack_timeout_s=0.4) as sim:
+        # The timeout: ~9x what the acks in flight take (8 x 20 ms), half what all of them take
+        # (room for a machine busy with other tests, none for acks queued in httpx's pool).
+        with HotlineSimulator(["120"], ack_delay_s=0.6, ack_timeout_s=1.5) as sim:
             ids = [new_id() for _ in range(150)]
             outcomes = deliver_all(sim, "120", [(d, endpoint.url(d)) for d in ids])
             assert all(isinstance(o, Delivered) for o in outcomes)
@@ -342,7 +343,7 @@ def test_acks_due_together_take_turns_and_none_times_out_waiting() -> None:
                 given_up = Counter(a.dispatch_id for a in tries if a.answer != 204)
                 return len(taken | {d for d, n in given_up.items() if n == ACK_TRIES})
 
-            wait_for(lambda: settled() == len(ids), 10, "every acknowledgement taken or given up")
+            wait_for(lambda: settled() == len(ids), 20, "every acknowledgement taken or given up")
             tries = sim.acks("120")
         assert sorted(a.dispatch_id for a in tries) == sorted(ids)  # one try each
         assert {(a.try_number, a.answer, a.error) for a in tries} == {(1, 204, None)}
