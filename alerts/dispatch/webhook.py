@@ -1,11 +1,10 @@
 """The webhook channel adapter: one signed HTTP POST per attempt, and what came of it.
 
 The kinds "webhook", "sms_gateway", "task_queue" and "nurse_station" all use it: they differ
-only in the fields they receive (``payload.py``) and the URL they point at. One shared
-``httpx.AsyncClient`` keeps connections alive between attempts and speaks HTTP/2 where a
+only in the fields they receive (``payload.py``) and the URL they point at. Each channel's
+``httpx.AsyncClient`` keeps connections alive between attempts and speaks HTTP/2 where the
 hotline offers it (over TLS, by ALPN; plain http:// stays HTTP/1.1). A channel whose
-certificate comes from a CA of its own (``ca_file``) is reached through a client that trusts
-that CA only, one such client per CA file, pooled the same way.
+certificate comes from a CA of its own (``ca_file``) has a client that trusts that CA only.
 
 Outcomes, as hotline-dispatch.md says: 2xx -> Delivered (with the hotline's
 ``{"reference": ...}`` when the body has one); 408, 429, 5xx, a timeout or a connection that
@@ -155,11 +154,15 @@ def judge(response: httpx.Response, now: float, latency_s: float) -> Outcome:
 
 
 class WebhookAdapter:
-    """Sends attempts as signed webhooks (Standard Webhooks v1) over one pooled HTTP client.
+    """Sends attempts as signed webhooks (Standard Webhooks v1), each channel over a pooled
+    HTTP client of its own.
 
-    ``client``: the shared client, made here (``pooled_client``) when not given; the adapter
-    closes only a client it made. Channels with a ``ca_file`` go through clients of the
-    adapter's own, one per CA file, made at their first attempt and closed with the adapter.
+    One pool per channel, made at the channel's first attempt (``pooled_client``, trusting its
+    ``ca_file`` if it has one) and closed with the adapter: a hotline that hangs holds only its
+    own connections, and httpcore's pool, which looks through every waiting request and every
+    connection whenever one starts or ends, looks through one channel's (at most the
+    dispatcher's ``PER_CHANNEL`` in flight), not every channel's. ``client``: one given client
+    for every channel without a ``ca_file`` instead (tests); the adapter never closes it.
     ``monotonic`` measures latency. Our "now", where one is needed (an HTTP-date Retry-After
     without a Date header), is the attempt's timestamp plus the latency: the dispatcher's
     injected clock, no second one.
@@ -171,9 +174,8 @@ class WebhookAdapter:
         client: httpx.AsyncClient | None = None,
         monotonic: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self._owns_client = client is None
-        self._client = client or pooled_client()
-        self._ca_clients: dict[str, httpx.AsyncClient] = {}  # ca_file -> the client trusting it
+        self._given = client
+        self._clients: dict[tuple[str, str], httpx.AsyncClient] = {}  # (channel, ca_file) -> its pool
         self._monotonic = monotonic
         self._user_agent = user_agent()
 
@@ -223,19 +225,19 @@ class WebhookAdapter:
         return judge(response, attempt.timestamp + latency, latency)
 
     async def aclose(self) -> None:
-        """Close the pooled connections (the shared client's only when the adapter made it)."""
-        clients, self._ca_clients = list(self._ca_clients.values()), {}
-        if self._owns_client:
-            clients.append(self._client)
+        """Close the channels' pooled connections (never a given client's)."""
+        clients, self._clients = list(self._clients.values()), {}
         await asyncio.gather(*(client.aclose() for client in clients))
 
     def _client_for(self, channel: Channel) -> httpx.AsyncClient:
-        """The shared client, or the one trusting the channel's own CA (made at its first use)."""
-        if not channel.ca_file:
-            return self._client
-        client = self._ca_clients.get(channel.ca_file)
+        """The channel's own client (made at its first use), or the given one."""
+        if self._given is not None and not channel.ca_file:
+            return self._given
+        key = (channel.name, channel.ca_file)
+        client = self._clients.get(key)
         if client is None:
-            client = self._ca_clients[channel.ca_file] = pooled_client(ca_context(channel.ca_file))
+            verify = ca_context(channel.ca_file) if channel.ca_file else True
+            client = self._clients[key] = pooled_client(verify)
         return client
 
 
