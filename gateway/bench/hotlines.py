@@ -19,16 +19,11 @@ from typing import Any
 import httpx
 
 from eldercare.gateway.bench.workers import eldercare_command
+from eldercare.simulators.hotlines import GATEWAY_CHANNELS
 
 #: The gateway's channels and the simulated hotline serving each: family contacts by SMS,
 #: the family doctor team's task queue. (channel: (kind, hotline))
-CHANNELS: dict[str, tuple[str, str]] = {
-    "120": ("webhook", "120"),
-    "12349": ("webhook", "12349"),
-    "12320": ("webhook", "12320"),
-    "family": ("sms_gateway", "sms"),
-    "family_doctor": ("task_queue", "family_doctor"),
-}
+
 START_DEADLINE_S = 30.0
 
 
@@ -73,7 +68,7 @@ class BenchHotlines:
         """A channels file for the gateway: every channel at its simulated hotline, secrets from the
         environment (``secrets_env``)."""
         out = []
-        for channel, (kind, hotline) in CHANNELS.items():
+        for channel, (kind, hotline) in GATEWAY_CHANNELS.items():
             name = _env_name(channel)
             out.append(
                 f'[channels."{channel}"]\nkind = "{kind}"\nurl = "{self.url(hotline)}"\n'
@@ -84,7 +79,7 @@ class BenchHotlines:
     def secrets_env(self) -> dict[str, str]:
         """The channels' webhook secrets and acknowledgement keys, as the channels file names them."""
         env = {}
-        for channel, (_, hotline) in CHANNELS.items():
+        for channel, (_, hotline) in GATEWAY_CHANNELS.items():
             name = _env_name(channel)
             env[f"BENCH_SECRET_{name}"] = self._hotlines[hotline]["secret"]
             env[f"BENCH_API_KEY_{name}"] = self._hotlines[hotline]["api_key"]

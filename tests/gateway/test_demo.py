@@ -68,6 +68,8 @@ def test_demo_runs_on_embedded_services_and_a_second_run_reuses_the_data(tmp_pat
     assert not (data_dir / "demo.json").exists(), "the running-demo marker must go at exit"
     log = (data_dir / LOG_FILE).read_text()
     assert "ingest worker stopped" in log
+    assert "dispatcher started" in log and "dispatcher stopped" in log
+    assert (data_dir / "channels.toml").stat().st_mode & 0o077 == 0  # its secrets: owner only
     # msg_ids are unique across runs: the second run's messages are not taken for redeliveries
     assert re.search(r"ingest totals .*duplicates=0", log) and not re.search(r"duplicates=[1-9]", log)
     assert not re.search(r"^\{", log, re.MULTILINE), "one format in the log file: console lines"
@@ -97,6 +99,8 @@ def test_sigterm_to_the_whole_group_stops_the_demo_as_quietly_as_ctrl_c(tmp_path
     assert "stopped; the data stays in" in out
     log = (data_dir / LOG_FILE).read_text()
     assert "ingest worker stopped" in log
+    assert "dispatcher started" in log and "dispatcher stopped" in log
+    assert (data_dir / "channels.toml").stat().st_mode & 0o077 == 0  # its secrets: owner only
     assert " ERROR " not in log and "Traceback" not in log, log
 
 
