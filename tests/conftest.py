@@ -111,6 +111,15 @@ class DatabaseClones:
         self._next = self._ahead.submit(self._create)
         return name
 
+    @contextmanager
+    def database(self) -> Iterator[str]:
+        """URL of a fresh clone, dropped (connections ended) afterwards."""
+        name = self.take()
+        try:
+            yield database_url(self.admin_url, name)
+        finally:
+            self.drop(name)
+
     def drop(self, name: str) -> None:
         """Drop a clone, ending any connection still open to it."""
         with self._lock:
@@ -155,11 +164,8 @@ def db_clones(pg_admin_url: str, template_db: str) -> Iterator[DatabaseClones]:
 @pytest.fixture
 def db_url(pg_admin_url: str, db_clones: DatabaseClones) -> Iterator[str]:
     """URL of a migrated database of this test's own; dropped (connections ended) afterwards."""
-    name = db_clones.take()
-    try:
-        yield database_url(pg_admin_url, name)
-    finally:
-        db_clones.drop(name)
+    with db_clones.database() as url:
+        yield url
 
 
 def _terminate_connections(admin: psycopg.Connection, name: str) -> None:

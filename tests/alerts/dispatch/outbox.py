@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from datetime import UTC, datetime
@@ -10,6 +11,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from eldercare.alerts.dispatch.dispatcher import Dispatcher
 from eldercare.gateway.store.devices import add_device
 
 
@@ -97,3 +99,16 @@ def dispatch_id(db_url: str, alert_id: Any, channel: str) -> uuid.UUID:
         channel,
     )
     return found
+
+
+async def run_until(dispatchers: list[Dispatcher], done: Any, timeout: float = 15.0) -> None:
+    """Run the dispatchers until ``done()`` holds (polled), then stop them."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(d.run(stop)) for d in dispatchers]
+    try:
+        async with asyncio.timeout(timeout):
+            while not done():
+                await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)

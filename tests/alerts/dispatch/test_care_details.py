@@ -29,7 +29,7 @@ from eldercare.gateway.store.elders import set_care_plan
 from eldercare.gateway.store.profiles import Contact, FamilyDoctor, Location, set_profile
 from eldercare.gateway.store.writer import BatchWriter, Received
 from eldercare.simulators.hotlines import HotlineSimulator
-from tests.alerts.dispatch.outbox import raise_alert, rows
+from tests.alerts.dispatch.outbox import raise_alert, rows, run_until
 
 RULES = load_rule_set()
 #: Invented people and numbers.
@@ -70,18 +70,6 @@ def sos_with_position(db_url: str, elder: str, device: str) -> None:
         BatchWriter("plain", AlertingStep(RULES)).write(conn, [Received(topic, payload, now, interp)])
 
 
-async def run_until(dispatcher: Dispatcher, done: Any, timeout: float = 10.0) -> None:
-    stop = asyncio.Event()
-    task = asyncio.create_task(dispatcher.run(stop))
-    try:
-        async with asyncio.timeout(timeout):
-            while not done():
-                await asyncio.sleep(0.02)
-    finally:
-        stop.set()
-        await task
-
-
 def test_an_sos_sends_120_the_wristbands_position_and_all_care_details_and_the_family_sms_no_medications(
     db_url: str, simulator: HotlineSimulator
 ) -> None:
@@ -107,7 +95,9 @@ def test_an_sos_sends_120_the_wristbands_position_and_all_care_details_and_the_f
         environ={},
     )
     dispatcher = Dispatcher(db_url, channels, RULES, ack_base_url="http://127.0.0.1:9", rng=random.Random(1))
-    asyncio.run(run_until(dispatcher, lambda: all(len(simulator.received(h)) > n for h, n in before.items())))
+    asyncio.run(
+        run_until([dispatcher], lambda: all(len(simulator.received(h)) > n for h, n in before.items()))
+    )
     [to_120] = simulator.received("120")[before["120"] :]
     [to_family] = simulator.received("sms")[before["sms"] :]
     assert to_120.document is not None and to_120.document["alert"]["id"] == str(alert_id)

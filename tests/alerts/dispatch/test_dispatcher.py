@@ -21,7 +21,7 @@ from eldercare.gateway.store import dispatches as store
 from eldercare.gateway.store.alerts import resolve
 from eldercare.simulators.alarm_centre import AlarmCentreSimulator, channel_secret
 from eldercare.simulators.hotlines import HotlineSimulator
-from tests.alerts.dispatch.outbox import Clock, dispatch_id, raise_alert, rows
+from tests.alerts.dispatch.outbox import Clock, dispatch_id, raise_alert, rows, run_until
 
 RULES = load_rule_set()
 
@@ -64,19 +64,6 @@ async def serving(d: Dispatcher, timeout: float = 20.0) -> AsyncIterator[None]:
     finally:
         stop.set()
         await task
-
-
-async def run_until(dispatchers: list[Dispatcher], done: Any, timeout: float = 15.0) -> None:
-    """Run the dispatchers until ``done()`` holds (polled), then stop them."""
-    stop = asyncio.Event()
-    tasks = [asyncio.create_task(d.run(stop)) for d in dispatchers]
-    try:
-        async with asyncio.timeout(timeout):
-            while not done():
-                await asyncio.sleep(0.02)
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
 
 
 def dispatcher(

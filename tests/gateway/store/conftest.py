@@ -16,7 +16,6 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from eldercare.gateway.services import database_url
 from eldercare.gateway.store.migrate import migrate, probe_timescale
 from tests.conftest import SESSION_TAG, DatabaseClones, migrated_template
 
@@ -59,19 +58,10 @@ def plain_clones(pg_admin_url: str) -> Iterator[DatabaseClones]:
             clones.close()
 
 
-@contextmanager
-def _plain_store(admin_url: str, clones: DatabaseClones) -> Iterator[str]:
-    name = clones.take()
-    try:
-        yield database_url(admin_url, name)
-    finally:
-        clones.drop(name)
-
-
 @pytest.fixture
 def plain_db(pg_admin_url: str, plain_clones: DatabaseClones) -> Iterator[str]:
     """Conninfo of a new database migrated as a plain-PostgreSQL store (dropped after)."""
-    with _plain_store(pg_admin_url, plain_clones) as url:
+    with plain_clones.database() as url:
         yield url
 
 
@@ -87,8 +77,7 @@ def store_db(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     """(flavour, conninfo) of a new migrated store, once per flavour; TimescaleDB may skip."""
     if request.param == "plain":
         # Asked for here, not as a parameter: the TimescaleDB case needs no plain server.
-        admin_url = request.getfixturevalue("pg_admin_url")
-        with _plain_store(admin_url, request.getfixturevalue("plain_clones")) as url:
+        with request.getfixturevalue("plain_clones").database() as url:
             yield "plain", url
         return
     if not TIMESCALE_ADMIN_URL:
