@@ -48,7 +48,7 @@ def test_paced_messages_all_arrive_spread_over_time(
     fleet = Fleet(variant="telemetry", size=1, prefix=new_id("p"))
     [device_id] = fleet.publisher_ids()
     account = mqtt_device(device_id)  # the ACL lets this account publish only as that device
-    n, rate = 600, 1_500.0
+    n, rate = 400, 500.0  # a pace a machine busy with other tests still keeps
     with subscribed(broker, fleet.topic(device_id)) as received:
         started = time.time()
         report = publish(PublishPlan(account.url, fleet, rate=rate, count=n, tag="t1"))
